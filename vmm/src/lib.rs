@@ -1,0 +1,10 @@
+//! The VMM process library: one KVM guest whose RAM is a memfd shared with the
+//! daemon, the built-in workload guest, state capture/restore and the control
+//! socket the daemon drives it through.
+
+pub mod control;
+pub mod serial;
+pub mod state;
+pub mod vcpu;
+pub mod vm;
+pub mod workload;

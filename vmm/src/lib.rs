@@ -3,6 +3,9 @@
 //! socket the daemon drives it through.
 
 pub mod control;
+pub mod handler;
+pub mod kvm_check;
+pub mod machine;
 pub mod serial;
 pub mod state;
 pub mod vcpu;

@@ -1,0 +1,386 @@
+//! Turning API objects into what people read: tables, the KubeVirt-like
+//! `describe` block, YAML, and human sizes and rates.
+
+use std::fmt::Write as _;
+use std::time::SystemTime;
+
+use migrated::model::{ConditionStatus, MigrationRecord, Timestamp, Vm};
+use serde_json::Value;
+
+/// `1536` → `1.5 KiB`; exact small values stay in bytes.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+pub fn rate(bytes_per_sec: u64) -> String {
+    format!("{}/s", bytes(bytes_per_sec))
+}
+
+/// Age like kubectl: `45s`, `12m`, `3h`, `2d`.
+pub fn age(t: Timestamp) -> String {
+    let secs = SystemTime::now()
+        .duration_since(t.0)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+/// Left-aligned columns separated by three spaces, like kubectl.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(cell);
+            } else {
+                let _ = write!(l, "{cell:<w$}   ");
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+pub fn vm_table(vms: &[Vm]) -> String {
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|v| {
+            let live = v
+                .status
+                .live_migratable()
+                .map(|c| match c.status {
+                    ConditionStatus::True => "True".to_string(),
+                    ConditionStatus::False => format!("False ({})", c.reason),
+                    ConditionStatus::Unknown => "Unknown".to_string(),
+                })
+                .unwrap_or_default();
+            vec![
+                v.spec.name.clone(),
+                v.status.phase.to_string(),
+                v.spec.memory.to_string(),
+                v.spec.vcpus.to_string(),
+                v.spec.workload.dirty_rate.to_string(),
+                live,
+                v.status
+                    .guest
+                    .as_ref()
+                    .map(|g| g.passes.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                v.status.node_name.clone(),
+                v.status.created.map(age).unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME",
+            "PHASE",
+            "MEMORY",
+            "VCPUS",
+            "DIRTY-MIB/S",
+            "LIVE-MIGRATABLE",
+            "PASSES",
+            "NODE",
+            "AGE",
+        ],
+        &rows,
+    )
+}
+
+pub fn migration_table(ms: &[MigrationRecord]) -> String {
+    let rows: Vec<Vec<String>> = ms
+        .iter()
+        .map(|m| {
+            vec![
+                m.name.clone(),
+                m.vm.clone(),
+                m.phase.to_string(),
+                m.source_host.clone(),
+                m.target_host.clone(),
+                format!("{:.0}%", m.percent_sent()),
+                age(m.creation_timestamp),
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "VM", "PHASE", "SOURCE", "TARGET", "SENT", "AGE"],
+        &rows,
+    )
+}
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "<none>".into())
+}
+
+fn ms(v: Option<u64>) -> String {
+    v.map(|v| format!("{v} ms"))
+        .unwrap_or_else(|| "<none>".into())
+}
+
+/// `describe migration`: the record as KubeVirt's `migrationState` block,
+/// then the progress counters.
+pub fn describe_migration(m: &MigrationRecord) -> String {
+    let mut o = String::new();
+    let mut kv = |indent: usize, k: &str, v: String| {
+        let _ = writeln!(
+            o,
+            "{:indent$}{:<w$} {v}",
+            "",
+            format!("{k}:"),
+            w = 24 - indent
+        );
+    };
+    kv(0, "Name", m.name.clone());
+    kv(0, "UID", m.uid.clone());
+    kv(0, "VM", m.vm.clone());
+    kv(0, "Phase", m.phase.to_string());
+    kv(0, "Created", m.creation_timestamp.to_string());
+    o.push_str("Migration State:\n");
+    let mut kv = |k: &str, v: String| {
+        let _ = writeln!(o, "  {:<22} {v}", format!("{k}:"));
+    };
+    kv("Start Timestamp", opt(m.start_timestamp));
+    kv("End Timestamp", opt(m.end_timestamp));
+    kv(
+        "Completed",
+        (m.phase == migrated::model::MigrationPhase::Succeeded).to_string(),
+    );
+    kv(
+        "Failed",
+        (m.phase == migrated::model::MigrationPhase::Failed).to_string(),
+    );
+    if let Some(code) = &m.failure_code {
+        kv("Failure Code", code.clone());
+    }
+    kv("Failure Reason", opt(m.failure_reason.as_ref()));
+    kv("Abort Requested", m.abort_requested.to_string());
+    kv(
+        "Abort Status",
+        opt(m.abort_status.map(|s| format!("{s:?}"))),
+    );
+    kv("Mode", format!("{:?}", m.mode));
+    kv("Source Node", m.source_host.clone());
+    kv("Target Node", m.target_host.clone());
+    kv("Target Node Address", m.target_address.clone());
+    o.push_str("Progress:\n");
+    let mut kv = |k: &str, v: String| {
+        let _ = writeln!(o, "  {:<22} {v}", format!("{k}:"));
+    };
+    kv("Passes", m.passes.to_string());
+    kv("Memory Total", bytes(m.bytes_total));
+    kv(
+        "Memory Sent",
+        format!("{} ({:.1}%)", bytes(m.bytes_sent), m.percent_sent()),
+    );
+    kv("Memory Remaining", bytes(m.bytes_remaining));
+    kv("Zero Pages", m.zero_pages.to_string());
+    kv("Dirty Rate", rate(m.dirty_rate));
+    kv("Bandwidth", rate(m.bandwidth));
+    kv("Throttle", format!("{}%", m.throttle_pct));
+    kv("Expected Downtime", ms(m.expected_downtime_ms));
+    kv("Actual Downtime", ms(m.actual_downtime_ms));
+    o
+}
+
+/// `vm get` in detail (table output of a single VM).
+pub fn describe_vm(v: &Vm) -> String {
+    let mut o = vm_table(std::slice::from_ref(v));
+    if let Some(reason) = &v.status.reason {
+        let _ = writeln!(o, "\nReason: {reason}");
+    }
+    if let Some(m) = &v.status.active_migration {
+        let _ = writeln!(o, "Migration: {m} (migratectl describe migration {m})");
+    }
+    o
+}
+
+/// Renders any JSON value as block YAML. Strings that could read as
+/// something else (numbers, booleans, anything with special characters)
+/// are double-quoted, which YAML reads exactly like JSON strings.
+pub fn yaml(v: &Value) -> String {
+    let mut out = String::new();
+    if is_block(v) {
+        yaml_block(v, 0, &mut out);
+    } else {
+        out.push_str(&scalar(v));
+        out.push('\n');
+    }
+    out
+}
+
+fn is_block(v: &Value) -> bool {
+    match v {
+        Value::Object(m) => !m.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        _ => false,
+    }
+}
+
+fn yaml_block(v: &Value, indent: usize, out: &mut String) {
+    let pad = " ".repeat(indent);
+    match v {
+        Value::Object(m) => {
+            for (k, val) in m {
+                out.push_str(&pad);
+                out.push_str(&plain_or_quoted(k));
+                out.push(':');
+                yaml_value(val, indent + 2, out);
+            }
+        }
+        Value::Array(a) => {
+            for item in a {
+                out.push_str(&pad);
+                out.push('-');
+                if is_block(item) {
+                    // The item's first line goes right after the dash.
+                    let mut sub = String::new();
+                    yaml_block(item, indent + 2, &mut sub);
+                    out.push(' ');
+                    out.push_str(&sub[indent + 2..]);
+                } else {
+                    out.push(' ');
+                    out.push_str(&scalar(item));
+                    out.push('\n');
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn yaml_value(v: &Value, indent: usize, out: &mut String) {
+    if is_block(v) {
+        out.push('\n');
+        yaml_block(v, indent, out);
+    } else {
+        out.push(' ');
+        out.push_str(&scalar(v));
+        out.push('\n');
+    }
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => plain_or_quoted(s),
+        Value::Array(_) => "[]".into(),
+        Value::Object(_) => "{}".into(),
+    }
+}
+
+/// `256Mi`, `8Gi`: digits then letters that YAML cannot read as a number
+/// (no exponent, radix prefix or separators).
+fn is_plain_amount(s: &str) -> bool {
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, suffix) = s.split_at(digits);
+    !num.is_empty()
+        && !suffix.is_empty()
+        && !num.starts_with('0')
+        && suffix.chars().all(|c| c.is_ascii_alphabetic())
+        && !suffix.starts_with(['e', 'E'])
+}
+
+fn plain_or_quoted(s: &str) -> String {
+    let reserved = [
+        "true", "false", "yes", "no", "on", "off", "null", "y", "n", "~",
+    ];
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._/-".contains(c))
+        && !s.starts_with(['-', '.'])
+        && (!s.starts_with(|c: char| c.is_ascii_digit()) || is_plain_amount(s))
+        && !reserved.contains(&s.to_ascii_lowercase().as_str());
+    if plain {
+        s.into()
+    } else {
+        serde_json::to_string(s).unwrap_or_else(|_| format!("{s:?}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(1 << 30), "1.0 GiB");
+        assert_eq!(rate(64 << 20), "64.0 MiB/s");
+    }
+
+    #[test]
+    fn yaml_blocks_and_quoting() {
+        // Keys in sorted order, so the test holds with or without
+        // serde_json's preserve_order.
+        let v = json!({
+            "empty": {},
+            "labels": {"app": "web", "tier": "1"},
+            "list": [{"a": 1, "b": "true"}, "x y", []],
+            "name": "web-1",
+            "none": null,
+        });
+        let want = "\
+empty: {}
+labels:
+  app: web
+  tier: \"1\"
+list:
+  - a: 1
+    b: \"true\"
+  - \"x y\"
+  - []
+name: web-1
+none: null
+";
+        assert_eq!(yaml(&v), want);
+        for (s, want) in [
+            ("256Mi", "256Mi"),
+            ("1e3", "\"1e3\""),
+            ("0x1f", "\"0x1f\""),
+            ("12", "\"12\""),
+            ("1-2", "\"1-2\""),
+        ] {
+            assert_eq!(plain_or_quoted(s), want);
+        }
+        assert_eq!(yaml(&json!("plain")), "plain\n");
+    }
+
+    #[test]
+    fn tables_align() {
+        let t = table(&["A", "LONGER"], &[vec!["xxxx".into(), "1".into()]]);
+        assert_eq!(t, "A      LONGER\nxxxx   1\n");
+    }
+}

@@ -1,0 +1,375 @@
+//! `migratectl` as a user runs it: the real binary against a daemon served
+//! in-process with the fake VMM backend, checking output and exit codes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use migrated::engine::{MigrationEngine, MigrationHandle, UnavailableEngine};
+use migrated::model::{MigrationPhase, MigrationRecord, Timestamp};
+use migrated::service::Service;
+use migrated::store::Store;
+use migrated::testing::{FakeBackend, HoldingEngine};
+
+/// A daemon serving on a socket in a temp dir until dropped.
+struct TestDaemon {
+    socket: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _tmp: tempfile::TempDir,
+}
+
+impl TestDaemon {
+    fn start(engine: Arc<dyn MigrationEngine>) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path().join("state")).unwrap();
+        let peers = BTreeMap::from([("host-b".to_string(), "127.0.0.1:7879".to_string())]);
+        let (svc, _) = Service::open(
+            "host-a".into(),
+            peers,
+            store,
+            Arc::new(FakeBackend::default()),
+            engine,
+        )
+        .unwrap();
+        let socket = tmp.path().join("api.sock");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        // Bound before this returns: clients connecting from now on queue
+        // in the backlog until the server task accepts them.
+        let listener = {
+            let _guard = rt.enter();
+            migrated::api::bind_socket(&socket, 0o600).unwrap()
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            rt.block_on(migrated::api::serve(listener, Arc::new(svc), async {
+                let _ = rx.await;
+            }))
+            .unwrap();
+        });
+        Self {
+            socket,
+            stop: Some(tx),
+            thread: Some(thread),
+            _tmp: tmp,
+        }
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        ctl_at(&self.socket, args)
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        let _ = self.thread.take().unwrap().join();
+    }
+}
+
+fn ctl_at(socket: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_migratectl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .env_remove("MIGRATED_SOCKET")
+        .output()
+        .unwrap()
+}
+
+/// The value of a `Key:   value` line of `describe` output.
+fn field(text: &str, key: &str) -> Option<String> {
+    let prefix = format!("{key}:");
+    text.lines().find_map(|l| {
+        l.trim_start()
+            .strip_prefix(prefix.as_str())
+            .map(|v| v.trim().to_string())
+    })
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn bad_arguments_exit_2_with_clap_messages() {
+    let sock = Path::new("/nonexistent/api.sock");
+    let o = ctl_at(sock, &["vm", "create"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("NAME"), "{}", stderr(&o));
+    let o = ctl_at(sock, &["vm", "create", "a", "--memory", "lots"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("lots") && stderr(&o).contains("64Mi"),
+        "{}",
+        stderr(&o)
+    );
+    let o = ctl_at(sock, &["--output", "xml", "vm", "list"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("xml"));
+    let o = ctl_at(
+        sock,
+        &[
+            "vm",
+            "create",
+            "a",
+            "--memory",
+            "1Gi",
+            "--dirty-rate",
+            "fast",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("max"), "{}", stderr(&o));
+    let o = ctl_at(sock, &["migrate", "a"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--to"));
+}
+
+#[test]
+fn socket_comes_from_migrated_socket_env() {
+    let d = TestDaemon::start(Arc::new(UnavailableEngine));
+    let o = Command::new(env!("CARGO_BIN_EXE_migratectl"))
+        .args(["-o", "json", "health"])
+        .env("MIGRATED_SOCKET", &d.socket)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let h: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(h["hostName"], "host-a");
+}
+
+#[test]
+fn no_daemon_says_how_to_start_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = ctl_at(&tmp.path().join("none.sock"), &["vm", "list"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.contains("cannot connect to migrated"), "{err}");
+    assert!(err.contains("is migrated running?"), "{err}");
+}
+
+#[test]
+fn unknown_vm_is_a_clear_error() {
+    let d = TestDaemon::start(Arc::new(UnavailableEngine));
+    for args in [
+        &["vm", "get", "nope"][..],
+        &["vm", "delete", "nope"],
+        &["migrate", "nope", "--to", "host-b"],
+    ] {
+        let o = d.ctl(args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        let err = stderr(&o);
+        assert!(err.contains("error: vm nope not found"), "{args:?}: {err}");
+        assert!(
+            err.contains("hint: list VMs with `migratectl vm list`"),
+            "{err}"
+        );
+        assert!(stdout(&o).is_empty());
+    }
+    let o = d.ctl(&["describe", "migration", "nope-12345"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("migration nope-12345 not found"));
+}
+
+#[test]
+fn vm_commands_and_output_formats() {
+    let d = TestDaemon::start(Arc::new(UnavailableEngine));
+    let o = d.ctl(&[
+        "vm",
+        "create",
+        "web",
+        "--memory",
+        "256Mi",
+        "--vcpus",
+        "2",
+        "--label",
+        "app=web",
+        "--dirty-rate",
+        "max",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("Running"));
+
+    let o = d.ctl(&["vm", "list"]);
+    assert_eq!(o.status.code(), Some(0));
+    let out = stdout(&o);
+    assert!(out.starts_with("NAME"), "{out}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("web "))
+        .expect("a row for web");
+    for col in ["Running", "256Mi", "max", "True", "host-a"] {
+        assert!(row.contains(col), "{col} missing in {row}");
+    }
+
+    let o = d.ctl(&["-o", "json", "vm", "get", "web"]);
+    assert_eq!(o.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["spec"]["memory"], "256Mi");
+    assert_eq!(v["spec"]["labels"]["app"], "web");
+    assert_eq!(v["status"]["phase"], "Running");
+    assert_eq!(v["status"]["migrationMethod"], "LiveMigration");
+    assert_eq!(v["status"]["conditions"][0]["type"], "LiveMigratable");
+
+    let o = d.ctl(&["vm", "get", "web", "--output", "yaml"]);
+    assert_eq!(o.status.code(), Some(0));
+    let y = stdout(&o);
+    assert!(y.contains("\n  phase: Running\n"), "{y}");
+    assert!(y.contains("memory: 256Mi"), "{y}");
+
+    let o = d.ctl(&["vm", "create", "web", "--memory", "256Mi"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("already exists"));
+    let o = d.ctl(&["vm", "create", "Bad_Name", "--memory", "256Mi"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("lower-case"), "{}", stderr(&o));
+
+    let o = d.ctl(&["vm", "stop", "web"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&o).contains("Stopped"));
+    let o = d.ctl(&["migrate", "web", "--to", "host-b"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("not Running") && stderr(&o).contains("vm start web"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(d.ctl(&["vm", "start", "web"]).status.code(), Some(0));
+    let o = d.ctl(&["vm", "delete", "web"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&d.ctl(&["vm", "list"])).lines().count() == 1);
+}
+
+#[test]
+fn migrate_without_engine_fails_with_the_reason() {
+    let d = TestDaemon::start(Arc::new(UnavailableEngine));
+    assert_eq!(
+        d.ctl(&["vm", "create", "db", "--memory", "64Mi"])
+            .status
+            .code(),
+        Some(0)
+    );
+    let o = d.ctl(&["migrate", "db", "--to", "host-b", "--wait"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("migration engine not available yet"),
+        "{}",
+        stderr(&o)
+    );
+    let o = d.ctl(&["migrate", "db", "--to", "host-x"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("known peers: host-b"), "{}", stderr(&o));
+
+    let o = d.ctl(&["-o", "json", "get", "migrations"]);
+    let ms: Vec<MigrationRecord> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(ms.len(), 1);
+    let name = &ms[0].name;
+    let o = d.ctl(&["get", "migrations"]);
+    assert!(stdout(&o)
+        .lines()
+        .any(|l| l.starts_with(name.as_str()) && l.contains("Failed")));
+    let o = d.ctl(&["describe", "migration", name]);
+    assert_eq!(o.status.code(), Some(0));
+    let text = stdout(&o);
+    assert!(text.contains("Migration State:"), "{text}");
+    assert_eq!(
+        field(&text, "Failure Reason").as_deref(),
+        Some("migration engine not available yet"),
+        "{text}"
+    );
+    assert_eq!(
+        field(&text, "Target Node").as_deref(),
+        Some("host-b"),
+        "{text}"
+    );
+    assert_eq!(field(&text, "Failed").as_deref(), Some("true"), "{text}");
+}
+
+#[test]
+fn second_migration_is_refused_and_cancel_works() {
+    let d = TestDaemon::start(Arc::new(HoldingEngine::default()));
+    assert_eq!(
+        d.ctl(&["vm", "create", "db", "--memory", "64Mi"])
+            .status
+            .code(),
+        Some(0)
+    );
+    let o = d.ctl(&["-o", "json", "migrate", "db", "--to", "host-b"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let m: MigrationRecord = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(m.phase, MigrationPhase::Pending);
+    let o = d.ctl(&["migrate", "db", "--to", "host-b"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!(
+            "vm db already has migration {} in phase Pending",
+            m.name
+        )),
+        "{err}"
+    );
+    assert!(err.contains("hint: only one migration per VM"), "{err}");
+    let o = d.ctl(&["cancel", &m.name]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = d.ctl(&["-o", "json", "describe", "migration", &m.name]);
+    let after: MigrationRecord = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(after.abort_requested);
+    assert_eq!(after.phase, MigrationPhase::Failed);
+}
+
+/// Completes every migration at once, as a stand-in for a working engine.
+struct InstantEngine;
+
+impl MigrationEngine for InstantEngine {
+    fn start(&self, _record: MigrationRecord, handle: MigrationHandle) {
+        handle
+            .update(|r| {
+                r.start_timestamp = Some(Timestamp::now());
+                r.passes = 3;
+                r.bytes_sent = r.bytes_total;
+                r.bytes_remaining = 0;
+                r.actual_downtime_ms = Some(42);
+                r.phase = MigrationPhase::Succeeded;
+                r.end_timestamp = Some(Timestamp::now());
+            })
+            .unwrap();
+    }
+
+    fn abort(&self, _handle: MigrationHandle) {}
+}
+
+#[test]
+fn successful_migration_exits_0() {
+    let d = TestDaemon::start(Arc::new(InstantEngine));
+    assert_eq!(
+        d.ctl(&["vm", "create", "db", "--memory", "64Mi"])
+            .status
+            .code(),
+        Some(0)
+    );
+    let o = d.ctl(&["migrate", "db", "--to", "host-b", "--wait"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(field(&out, "Completed").as_deref(), Some("true"), "{out}");
+    assert_eq!(
+        field(&out, "Memory Sent").as_deref(),
+        Some("64.0 MiB (100.0%)"),
+        "{out}"
+    );
+    assert_eq!(
+        field(&out, "Actual Downtime").as_deref(),
+        Some("42 ms"),
+        "{out}"
+    );
+    assert_eq!(field(&out, "Passes").as_deref(), Some("3"), "{out}");
+}

@@ -1,0 +1,759 @@
+//! The types of the local API, shared by `migrated` and `migratectl` (the
+//! one dependency the CLI has on the daemon). JSON field names are
+//! camelCase and the migration record follows KubeVirt's
+//! `VirtualMachineInstanceMigration` status and `migrationState`, so people
+//! who know KubeVirt read our output without a glossary.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime};
+
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+
+pub use crate::quantity::{HumanDuration, ParseAmountError, Quantity};
+
+/// Longest VM name: a DNS label, so a name is also safe as a path component.
+pub const MAX_NAME_LEN: usize = 63;
+/// Most vCPUs the built-in workload VMM supports.
+pub const MAX_VCPUS: u32 = 256;
+/// Smallest guest RAM the VMM can lay out.
+pub const MIN_MEMORY: Quantity = Quantity::mib(16);
+
+/// A point in time, written as RFC 3339 UTC with milliseconds.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timestamp(pub SystemTime);
+
+impl Timestamp {
+    /// Now, truncated to the milliseconds the text form keeps, so a
+    /// timestamp reads back equal to what was written.
+    pub fn now() -> Self {
+        let since = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        Self(SystemTime::UNIX_EPOCH + Duration::from_millis(since.as_millis() as u64))
+    }
+
+    /// Time from `self` to `later`, zero if `later` is earlier.
+    pub fn until(self, later: Timestamp) -> Duration {
+        later.0.duration_since(self.0).unwrap_or_default()
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_rfc3339_millis(self.0))
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_rfc3339_weak(&s)
+            .map(Timestamp)
+            .map_err(|e| de::Error::custom(format!("bad timestamp {s:?}: {e}")))
+    }
+}
+
+/// A name that is not a DNS label.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} {name:?} is invalid: use 1-63 lower-case letters, digits and '-', starting and ending with a letter or digit")]
+pub struct InvalidNameError {
+    pub what: &'static str,
+    pub name: String,
+}
+
+/// Checks a DNS-label name (RFC 1123), as Kubernetes does for object names.
+pub fn check_name(what: &'static str, name: &str) -> Result<(), InvalidNameError> {
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name.chars().all(ok_char)
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidNameError {
+            what,
+            name: name.into(),
+        })
+    }
+}
+
+/// How fast the built-in workload dirties its working set. Text form: `0`
+/// (idle: it only verifies), a number of MiB/s, or `max`.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum DirtyRate {
+    #[default]
+    Idle,
+    MibPerSec(u32),
+    Max,
+}
+
+impl FromStr for DirtyRate {
+    type Err = InvalidDirtyRateError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        if t.eq_ignore_ascii_case("max") {
+            return Ok(DirtyRate::Max);
+        }
+        match t.parse::<u32>() {
+            Ok(0) => Ok(DirtyRate::Idle),
+            Ok(n) => Ok(DirtyRate::MibPerSec(n)),
+            Err(_) => Err(InvalidDirtyRateError { input: s.into() }),
+        }
+    }
+}
+
+/// A dirty rate that did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{input:?} is not a dirty rate: use 0 (idle), a number of MiB/s, or max")]
+pub struct InvalidDirtyRateError {
+    pub input: String,
+}
+
+impl fmt::Display for DirtyRate {
+    /// The form `migrate-vmm --dirty-rate` accepts.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DirtyRate::Idle => f.write_str("0"),
+            DirtyRate::MibPerSec(n) => write!(f, "{n}"),
+            DirtyRate::Max => f.write_str("max"),
+        }
+    }
+}
+
+impl Serialize for DirtyRate {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DirtyRate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = DirtyRate;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("0, a number of MiB/s, or \"max\"")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<DirtyRate, E> {
+                self.visit_str(&v.to_string())
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<DirtyRate, E> {
+                self.visit_str(&v.to_string())
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<DirtyRate, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// How the workload writes a page: one word (`sparse`) or every byte (`full`).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DirtyMode {
+    #[default]
+    Sparse,
+    Full,
+}
+
+impl DirtyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DirtyMode::Sparse => "sparse",
+            DirtyMode::Full => "full",
+        }
+    }
+}
+
+/// Parameters of the built-in workload guest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadSpec {
+    /// Working set the workload keeps dirtying and verifying.
+    #[serde(default = "WorkloadSpec::default_wss")]
+    pub wss: Quantity,
+    #[serde(default)]
+    pub dirty_rate: DirtyRate,
+    #[serde(default)]
+    pub mode: DirtyMode,
+    #[serde(default = "WorkloadSpec::default_seed")]
+    pub seed: u64,
+}
+
+impl WorkloadSpec {
+    fn default_wss() -> Quantity {
+        Quantity::mib(8)
+    }
+
+    fn default_seed() -> u64 {
+        1
+    }
+}
+
+impl Default for WorkloadSpec {
+    fn default() -> Self {
+        Self {
+            wss: Self::default_wss(),
+            dirty_rate: DirtyRate::Idle,
+            mode: DirtyMode::Sparse,
+            seed: Self::default_seed(),
+        }
+    }
+}
+
+/// What a user asks for when creating a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmSpec {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub memory: Quantity,
+    #[serde(default = "VmSpec::default_vcpus")]
+    pub vcpus: u32,
+    #[serde(default)]
+    pub workload: WorkloadSpec,
+}
+
+/// A VM spec that cannot be run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidSpecError {
+    #[error(transparent)]
+    Name(#[from] InvalidNameError),
+    #[error("label key {key:?} is invalid: use 1-63 letters, digits, '-', '_', '.' or '/'")]
+    LabelKey { key: String },
+    #[error("memory {memory} is below the minimum of {min}")]
+    MemoryTooSmall { memory: Quantity, min: Quantity },
+    #[error("memory {memory} is not a multiple of 4Ki pages")]
+    MemoryNotPageAligned { memory: Quantity },
+    #[error("vcpus {vcpus} is out of range 1..={max}")]
+    Vcpus { vcpus: u32, max: u32 },
+    #[error("workload wss {wss} is larger than memory {memory}")]
+    WssTooLarge { wss: Quantity, memory: Quantity },
+}
+
+impl VmSpec {
+    fn default_vcpus() -> u32 {
+        1
+    }
+
+    pub fn validate(&self) -> Result<(), InvalidSpecError> {
+        check_name("vm name", &self.name)?;
+        let key_ok = |k: &str| {
+            !k.is_empty()
+                && k.len() <= MAX_NAME_LEN
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+        };
+        if let Some(key) = self.labels.keys().find(|k| !key_ok(k)) {
+            return Err(InvalidSpecError::LabelKey { key: key.clone() });
+        }
+        if self.memory < MIN_MEMORY {
+            return Err(InvalidSpecError::MemoryTooSmall {
+                memory: self.memory,
+                min: MIN_MEMORY,
+            });
+        }
+        if !self.memory.bytes().is_multiple_of(4096) {
+            return Err(InvalidSpecError::MemoryNotPageAligned {
+                memory: self.memory,
+            });
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(InvalidSpecError::Vcpus {
+                vcpus: self.vcpus,
+                max: MAX_VCPUS,
+            });
+        }
+        if self.workload.wss > self.memory {
+            return Err(InvalidSpecError::WssTooLarge {
+                wss: self.workload.wss,
+                memory: self.memory,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Where a VM is in its life.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmPhase {
+    /// Accepted; its VMM is being started.
+    Pending,
+    Running,
+    /// A migration of this VM is pending or running.
+    Migrating,
+    /// Stopped on request; can be started again.
+    Stopped,
+    /// Its VMM failed or disappeared; `status.reason` says why.
+    Failed,
+}
+
+impl fmt::Display for VmPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConditionType {
+    /// Whether the VM can be live-migrated now (KubeVirt's `LiveMigratable`).
+    LiveMigratable,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConditionStatus {
+    True,
+    False,
+    Unknown,
+}
+
+/// A Kubernetes-style condition.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub kind: ConditionType,
+    pub status: ConditionStatus,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+/// How a VM would move (KubeVirt's `migrationMethod`). Our guests have no
+/// disks to copy, so it is always `LiveMigration` (memory only).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MigrationMethod {
+    LiveMigration,
+}
+
+/// What the guest's VMM reported on the last probe.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GuestCounters {
+    /// The VMM's own run state (running, paused, crashed ...).
+    pub run_state: String,
+    /// Workload passes summed over vCPUs.
+    pub passes: u64,
+    pub pages_written: u64,
+    /// Pages the workload found corrupted: anything but 0 is a bug.
+    pub corrupt_pages: u64,
+    pub throttle_pct: u8,
+    pub uptime_ms: u64,
+}
+
+/// Observed state of a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmStatus {
+    pub phase: VmPhase,
+    /// The host running it.
+    pub node_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Why the VM is Failed (or Stopped unexpectedly).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub conditions: Vec<Condition>,
+    pub migration_method: MigrationMethod,
+    /// The pending or running migration of this VM, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_migration: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestCounters>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<Timestamp>,
+}
+
+impl VmStatus {
+    /// The LiveMigratable condition, if reported.
+    pub fn live_migratable(&self) -> Option<&Condition> {
+        self.conditions
+            .iter()
+            .find(|c| c.kind == ConditionType::LiveMigratable)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Vm {
+    pub spec: VmSpec,
+    pub status: VmStatus,
+}
+
+/// KubeVirt's migration phases, in order; Succeeded and Failed are final.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MigrationPhase {
+    Pending,
+    Scheduling,
+    PreparingTarget,
+    TargetReady,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl MigrationPhase {
+    pub fn is_final(self) -> bool {
+        matches!(self, MigrationPhase::Succeeded | MigrationPhase::Failed)
+    }
+}
+
+impl fmt::Display for MigrationPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MigrationMode {
+    #[default]
+    PreCopy,
+    PostCopy,
+}
+
+/// KubeVirt's `abortStatus`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AbortStatus {
+    Aborting,
+    Succeeded,
+    Failed,
+}
+
+/// Body of `POST /v1/migrations`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MigrationRequest {
+    pub vm: String,
+    pub target_host: String,
+}
+
+/// One migration, persisted for its whole life and kept afterwards. Fields
+/// a later version adds get `#[serde(default)]`, so old records still load.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationRecord {
+    pub uid: String,
+    /// `<vm>-<5 random chars>`.
+    pub name: String,
+    pub vm: String,
+    pub source_host: String,
+    pub target_host: String,
+    /// The peer's QUIC address the migration uses.
+    pub target_address: String,
+    pub phase: MigrationPhase,
+    pub mode: MigrationMode,
+    pub creation_timestamp: Timestamp,
+    #[serde(default)]
+    pub start_timestamp: Option<Timestamp>,
+    #[serde(default)]
+    pub end_timestamp: Option<Timestamp>,
+    /// Pre-copy passes completed (KubeVirt's iterations).
+    #[serde(default)]
+    pub passes: u32,
+    /// Guest RAM to move.
+    #[serde(default)]
+    pub bytes_total: u64,
+    #[serde(default)]
+    pub bytes_sent: u64,
+    /// Dirty bytes still to send after the last pass.
+    #[serde(default)]
+    pub bytes_remaining: u64,
+    #[serde(default)]
+    pub zero_pages: u64,
+    /// Measured guest dirty rate, bytes per second.
+    #[serde(default)]
+    pub dirty_rate: u64,
+    /// Measured transfer bandwidth, bytes per second.
+    #[serde(default)]
+    pub bandwidth: u64,
+    /// Estimated stop-and-copy time after the last pass.
+    #[serde(default)]
+    pub expected_downtime_ms: Option<u64>,
+    /// Source pause to destination resume.
+    #[serde(default)]
+    pub actual_downtime_ms: Option<u64>,
+    /// vCPU throttle applied by auto-converge, percent.
+    #[serde(default)]
+    pub throttle_pct: u8,
+    /// Stable code of the failure (see `api::ErrorCode` for the API's own).
+    #[serde(default)]
+    pub failure_code: Option<String>,
+    #[serde(default)]
+    pub failure_reason: Option<String>,
+    #[serde(default)]
+    pub abort_requested: bool,
+    #[serde(default)]
+    pub abort_status: Option<AbortStatus>,
+}
+
+impl MigrationRecord {
+    /// A fresh record in phase Pending.
+    pub fn new_pending(
+        vm: &str,
+        source_host: &str,
+        target_host: &str,
+        target_address: &str,
+    ) -> Self {
+        let rnd = random_bytes::<21>();
+        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+        let suffix: String = rnd[16..]
+            .iter()
+            .map(|b| ALPHABET[usize::from(*b) % ALPHABET.len()] as char)
+            .collect();
+        let mut u = [0u8; 16];
+        u.copy_from_slice(&rnd[..16]);
+        // RFC 4122 version 4, variant 1.
+        u[6] = (u[6] & 0x0f) | 0x40;
+        u[8] = (u[8] & 0x3f) | 0x80;
+        let hex: String = u.iter().map(|b| format!("{b:02x}")).collect();
+        let uid = format!(
+            "{}-{}-{}-{}-{}",
+            &hex[0..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..32]
+        );
+        Self {
+            uid,
+            name: format!("{vm}-{suffix}"),
+            vm: vm.into(),
+            source_host: source_host.into(),
+            target_host: target_host.into(),
+            target_address: target_address.into(),
+            phase: MigrationPhase::Pending,
+            mode: MigrationMode::PreCopy,
+            creation_timestamp: Timestamp::now(),
+            start_timestamp: None,
+            end_timestamp: None,
+            passes: 0,
+            bytes_total: 0,
+            bytes_sent: 0,
+            bytes_remaining: 0,
+            zero_pages: 0,
+            dirty_rate: 0,
+            bandwidth: 0,
+            expected_downtime_ms: None,
+            actual_downtime_ms: None,
+            throttle_pct: 0,
+            failure_code: None,
+            failure_reason: None,
+            abort_requested: false,
+            abort_status: None,
+        }
+    }
+
+    /// Moves to Failed with a stable code and a reason, stamping the end.
+    pub fn fail(&mut self, code: &str, reason: impl Into<String>) {
+        self.phase = MigrationPhase::Failed;
+        self.failure_code = Some(code.into());
+        self.failure_reason = Some(reason.into());
+        self.end_timestamp = Some(Timestamp::now());
+    }
+
+    /// Percent of guest memory sent so far (0 when the total is unknown).
+    pub fn percent_sent(&self) -> f64 {
+        if self.bytes_total == 0 {
+            0.0
+        } else {
+            (self.bytes_sent as f64 * 100.0 / self.bytes_total as f64).min(100.0)
+        }
+    }
+}
+
+/// Randomness for names and uids, from the kernel.
+fn random_bytes<const N: usize>() -> [u8; N] {
+    use std::io::Read;
+    let mut out = [0u8; N];
+    let filled = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut out))
+        .is_ok();
+    if !filled {
+        // Only uniqueness matters here, not secrecy: fall back to the clock
+        // mixed with the pid.
+        let mut x = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64
+            ^ (u64::from(std::process::id()) << 32);
+        for b in out.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+    }
+    out
+}
+
+/// `GET /v1/health`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Health {
+    pub host_name: String,
+    pub version: String,
+    pub vms: usize,
+    pub active_migrations: usize,
+}
+
+/// Every API error body: a stable code to branch on, a message for people,
+/// and what to do about it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+}
+
+/// Stable API error codes (the `code` of [`ErrorBody`]).
+pub mod codes {
+    pub const NOT_FOUND: &str = "not_found";
+    pub const ALREADY_EXISTS: &str = "already_exists";
+    pub const INVALID_ARGUMENT: &str = "invalid_argument";
+    pub const MIGRATION_IN_PROGRESS: &str = "migration_in_progress";
+    pub const VM_NOT_RUNNING: &str = "vm_not_running";
+    pub const VM_BUSY: &str = "vm_busy";
+    pub const UNKNOWN_HOST: &str = "unknown_host";
+    pub const INSUFFICIENT_MEMORY: &str = "insufficient_memory";
+    pub const VMM_FAILED: &str = "vmm_failed";
+    pub const ALREADY_FINISHED: &str = "already_finished";
+    pub const ENGINE_UNAVAILABLE: &str = "engine_unavailable";
+    pub const INTERNAL: &str = "internal";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            name: "web-1".into(),
+            labels: BTreeMap::from([("app".into(), "web".into())]),
+            memory: Quantity(1 << 30),
+            vcpus: 2,
+            workload: WorkloadSpec::default(),
+        }
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["a", "web-1", "0x", &"a".repeat(63)] {
+            assert!(check_name("vm name", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "A", "a_b", "a/b", "..", &"a".repeat(64)] {
+            assert!(check_name("vm name", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn spec_validation() {
+        assert_eq!(spec().validate(), Ok(()));
+        let mut s = spec();
+        s.vcpus = 0;
+        assert!(matches!(s.validate(), Err(InvalidSpecError::Vcpus { .. })));
+        let mut s = spec();
+        s.memory = Quantity(1 << 20);
+        assert!(matches!(
+            s.validate(),
+            Err(InvalidSpecError::MemoryTooSmall { .. })
+        ));
+        let mut s = spec();
+        s.memory = Quantity((64 << 20) + 1);
+        assert!(matches!(
+            s.validate(),
+            Err(InvalidSpecError::MemoryNotPageAligned { .. })
+        ));
+        let mut s = spec();
+        s.workload.wss = Quantity(2 << 30);
+        assert!(matches!(
+            s.validate(),
+            Err(InvalidSpecError::WssTooLarge { .. })
+        ));
+        let mut s = spec();
+        s.labels.insert("bad key".into(), "x".into());
+        assert!(matches!(
+            s.validate(),
+            Err(InvalidSpecError::LabelKey { .. })
+        ));
+    }
+
+    #[test]
+    fn spec_json_is_camel_case_and_strict() {
+        let json = r#"{"name":"a","memory":"64Mi","workload":{"dirtyRate":"max","wss":"1Mi"}}"#;
+        let s: VmSpec = serde_json::from_str(json).unwrap();
+        assert_eq!(s.memory, Quantity(64 << 20));
+        assert_eq!(s.vcpus, 1);
+        assert_eq!(s.workload.dirty_rate, DirtyRate::Max);
+        assert_eq!(s.workload.seed, 1);
+        let err =
+            serde_json::from_str::<VmSpec>(r#"{"name":"a","memory":"64Mi","cpus":2}"#).unwrap_err();
+        assert!(err.to_string().contains("cpus"), "{err}");
+    }
+
+    #[test]
+    fn dirty_rates() {
+        assert_eq!("0".parse(), Ok(DirtyRate::Idle));
+        assert_eq!("100".parse(), Ok(DirtyRate::MibPerSec(100)));
+        assert_eq!("MAX".parse(), Ok(DirtyRate::Max));
+        assert!("fast".parse::<DirtyRate>().is_err());
+        assert!("-1".parse::<DirtyRate>().is_err());
+        for r in [DirtyRate::Idle, DirtyRate::MibPerSec(7), DirtyRate::Max] {
+            assert_eq!(r.to_string().parse(), Ok(r));
+        }
+        assert_eq!(
+            serde_json::from_str::<DirtyRate>("50").unwrap(),
+            DirtyRate::MibPerSec(50)
+        );
+    }
+
+    #[test]
+    fn migration_record_names_and_json() {
+        let a = MigrationRecord::new_pending("web-1", "h1", "h2", "10.0.0.2:7878");
+        let b = MigrationRecord::new_pending("web-1", "h1", "h2", "10.0.0.2:7878");
+        assert_ne!(a.uid, b.uid);
+        let suffix = a
+            .name
+            .strip_prefix("web-1-")
+            .expect("name starts with vm name");
+        assert_eq!(suffix.len(), 5);
+        assert!(suffix
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()));
+        assert_eq!(a.uid.len(), 36);
+        assert_eq!(&a.uid[14..15], "4");
+        let json = serde_json::to_value(&a).unwrap();
+        assert_eq!(json["phase"], "Pending");
+        assert_eq!(json["sourceHost"], "h1");
+        assert_eq!(json["mode"], "PreCopy");
+        assert!(json.get("abortRequested").is_some());
+        let back: MigrationRecord = serde_json::from_value(json).unwrap();
+        assert_eq!(back, a);
+    }
+
+    #[test]
+    fn old_records_without_new_fields_load() {
+        let json = r#"{"uid":"u","name":"v-abcde","vm":"v","sourceHost":"a","targetHost":"b",
+            "targetAddress":"b:1","phase":"Running","mode":"PreCopy",
+            "creationTimestamp":"2026-01-01T00:00:00.000Z"}"#;
+        let r: MigrationRecord = serde_json::from_str(json).unwrap();
+        assert_eq!(r.phase, MigrationPhase::Running);
+        assert!(!r.abort_requested);
+        assert_eq!(r.percent_sent(), 0.0);
+    }
+}

@@ -1,0 +1,640 @@
+//! What the daemon does, independent of HTTP: the VM table with its
+//! supervision, migration records and their rules. Every method blocks
+//! (store fsyncs, VMM control calls), so the API runs them on tokio's
+//! blocking pool.
+//!
+//! Lock order: `vms` before the migration table's lock. Neither is held
+//! across a VMM call or an engine call.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tracing::{info, warn};
+
+use crate::engine::{MigrationEngine, MigrationTable, UpdateMigrationError};
+use crate::model::{
+    check_name, codes, AbortStatus, Condition, ConditionStatus, ConditionType, GuestCounters,
+    Health, InvalidNameError, InvalidSpecError, MigrationMethod, MigrationPhase, MigrationRecord,
+    MigrationRequest, Timestamp, Vm, VmPhase, VmSpec, VmStatus,
+};
+use crate::store::{
+    DeleteRecordError, DesiredState, ListRecordsError, SaveRecordError, Store, VmRecord,
+};
+use crate::supervisor::{LaunchError, ProbeError, StopError, VmBackend};
+
+/// Why an API operation was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("vm {name} not found")]
+    VmNotFound { name: String },
+    #[error("vm {name} already exists")]
+    VmExists { name: String },
+    #[error("invalid vm spec")]
+    InvalidSpec(#[source] InvalidSpecError),
+    #[error(transparent)]
+    InvalidName(#[from] InvalidNameError),
+    #[error("vm {name} is {phase}, not Running")]
+    VmNotRunning { name: String, phase: VmPhase },
+    #[error("vm {name} is busy: {operation} in progress")]
+    VmBusy {
+        name: String,
+        operation: &'static str,
+    },
+    #[error("vm {vm} already has migration {migration} in phase {phase}")]
+    MigrationInProgress {
+        vm: String,
+        migration: String,
+        phase: MigrationPhase,
+    },
+    #[error("unknown target host {host}")]
+    UnknownHost { host: String, known: Vec<String> },
+    #[error("target host {host} is this host")]
+    TargetIsSelf { host: String },
+    #[error("migration {name} not found")]
+    MigrationNotFound { name: String },
+    #[error("migration {name} already finished ({phase})")]
+    MigrationFinished { name: String, phase: MigrationPhase },
+    #[error("cannot start vm {name}")]
+    Launch {
+        name: String,
+        #[source]
+        source: LaunchError,
+    },
+    #[error("cannot stop vm {name}")]
+    Stop {
+        name: String,
+        #[source]
+        source: StopError,
+    },
+    #[error("cannot save state")]
+    Persist(#[source] SaveRecordError),
+    #[error("cannot delete vm files")]
+    Delete(#[source] DeleteRecordError),
+    #[error("cannot update migration record")]
+    UpdateMigration(#[source] UpdateMigrationError),
+}
+
+impl ServiceError {
+    /// The stable code the API reports.
+    pub fn code(&self) -> &'static str {
+        use ServiceError::*;
+        match self {
+            VmNotFound { .. } | MigrationNotFound { .. } => codes::NOT_FOUND,
+            VmExists { .. } => codes::ALREADY_EXISTS,
+            InvalidSpec(_) | InvalidName(_) | TargetIsSelf { .. } => codes::INVALID_ARGUMENT,
+            VmNotRunning { .. } => codes::VM_NOT_RUNNING,
+            VmBusy { .. } => codes::VM_BUSY,
+            MigrationInProgress { .. } => codes::MIGRATION_IN_PROGRESS,
+            UnknownHost { .. } => codes::UNKNOWN_HOST,
+            MigrationFinished { .. } => codes::ALREADY_FINISHED,
+            Launch {
+                source: LaunchError::InsufficientMemory { .. },
+                ..
+            } => codes::INSUFFICIENT_MEMORY,
+            Launch { .. } | Stop { .. } => codes::VMM_FAILED,
+            Persist(_) | Delete(_) | UpdateMigration(_) => codes::INTERNAL,
+        }
+    }
+
+    /// What the user can do about it.
+    pub fn hint(&self) -> Option<String> {
+        use ServiceError::*;
+        Some(match self {
+            VmNotFound { .. } => "list VMs with `migratectl vm list`".into(),
+            MigrationNotFound { .. } => "list migrations with `migratectl get migrations`".into(),
+            VmExists { name } => format!("pick another name, or delete it first with `migratectl vm delete {name}`"),
+            VmNotRunning { name, .. } => format!("start it with `migratectl vm start {name}`"),
+            VmBusy { .. } => "wait for the other operation to finish and retry".into(),
+            MigrationInProgress { migration, .. } => format!(
+                "only one migration per VM runs at a time; follow it with `migratectl describe migration {migration}`"
+            ),
+            UnknownHost { known, .. } if known.is_empty() => {
+                "no peers are configured: add the target under [peers] in the daemon's config".into()
+            }
+            UnknownHost { known, .. } => format!("known peers: {}", known.join(", ")),
+            Launch {
+                source: LaunchError::InsufficientMemory { .. },
+                ..
+            } => "free memory on this host or ask for less with --memory".into(),
+            Launch { .. } => "the message above ends with the VMM's own log; check that /dev/kvm is usable and that vmm_binary in the daemon's config points at migrate-vmm".into(),
+            _ => return None,
+        })
+    }
+}
+
+/// A VM as the daemon tracks it.
+#[derive(Debug)]
+struct VmEntry {
+    record: VmRecord,
+    /// Pending, Running, Stopped or Failed; Migrating is derived.
+    phase: VmPhase,
+    reason: Option<String>,
+    guest: Option<GuestCounters>,
+    /// An operation (start, stop, delete) holds the VM.
+    busy: Option<&'static str>,
+}
+
+/// What the daemon found at start.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    pub running: Vec<String>,
+    pub failed: Vec<String>,
+    pub stopped: Vec<String>,
+    /// Migrations that were in flight when the daemon went down.
+    pub interrupted_migrations: Vec<String>,
+    /// Record files that could not be read (each already logged).
+    pub skipped_files: usize,
+}
+
+/// The daemon's state and operations.
+pub struct Service {
+    host_name: String,
+    peers: BTreeMap<String, String>,
+    store: Store,
+    backend: Arc<dyn VmBackend>,
+    engine: Arc<dyn MigrationEngine>,
+    vms: Mutex<BTreeMap<String, VmEntry>>,
+    migrations: Arc<MigrationTable>,
+}
+
+impl Service {
+    /// Loads every record from `store` and re-attaches to the VMMs that
+    /// are still running. Guests are never started or stopped here.
+    pub fn open(
+        host_name: String,
+        peers: BTreeMap<String, String>,
+        store: Store,
+        backend: Arc<dyn VmBackend>,
+        engine: Arc<dyn MigrationEngine>,
+    ) -> Result<(Self, Recovery), ListRecordsError> {
+        let mut recovery = Recovery::default();
+        let vms = store.load_vms()?;
+        let migs = store.load_migrations()?;
+        for e in vms.skipped.iter().chain(migs.skipped.iter()) {
+            warn!(error = %crate::error_chain(e), "skipping unreadable record");
+        }
+        recovery.skipped_files = vms.skipped.len() + migs.skipped.len();
+        let mut table = BTreeMap::new();
+        for record in vms.records {
+            let name = record.spec.name.clone();
+            let entry = VmEntry {
+                phase: match record.desired {
+                    DesiredState::Running => VmPhase::Pending,
+                    DesiredState::Stopped => VmPhase::Stopped,
+                },
+                reason: record.failure.clone(),
+                guest: None,
+                busy: None,
+                record,
+            };
+            table.insert(name, entry);
+        }
+        let svc = Self {
+            host_name,
+            peers,
+            migrations: Arc::new(MigrationTable::new(store.clone(), migs.records)),
+            store,
+            backend,
+            engine,
+            vms: Mutex::new(table),
+        };
+        let names: Vec<String> = svc.lock_vms().keys().cloned().collect();
+        for name in names {
+            svc.refresh(&name);
+            match svc.lock_vms().get(&name).map(|e| e.phase) {
+                Some(VmPhase::Running) => recovery.running.push(name),
+                Some(VmPhase::Stopped) => recovery.stopped.push(name),
+                _ => recovery.failed.push(name),
+            }
+        }
+        // Whatever drove an in-flight migration died with the old daemon.
+        for r in svc
+            .migrations
+            .list()
+            .into_iter()
+            .filter(|r| !r.phase.is_final())
+        {
+            let h = svc.migrations.handle(&r.name);
+            if let Err(e) = h.update(|r| {
+                r.fail(
+                    "daemon_restarted",
+                    "the daemon restarted during the migration",
+                )
+            }) {
+                warn!(migration = %r.name, error = %crate::error_chain(&e), "cannot mark interrupted migration");
+            }
+            recovery.interrupted_migrations.push(r.name);
+        }
+        Ok((svc, recovery))
+    }
+
+    pub fn host_name(&self) -> &str {
+        &self.host_name
+    }
+
+    fn lock_vms(&self) -> MutexGuard<'_, BTreeMap<String, VmEntry>> {
+        self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Probes the VMM of a VM that should be running and updates its phase.
+    fn refresh(&self, name: &str) {
+        let paths = {
+            let vms = self.lock_vms();
+            match vms.get(name) {
+                Some(e) if e.busy.is_none() && e.record.desired == DesiredState::Running => {
+                    self.store.vm_paths(name)
+                }
+                _ => return,
+            }
+        };
+        let probe = self.backend.probe(&paths);
+        let mut vms = self.lock_vms();
+        let Some(e) = vms.get_mut(name) else { return };
+        if e.busy.is_some() || e.record.desired != DesiredState::Running {
+            return;
+        }
+        let (phase, reason, guest) = match probe {
+            Ok(p) if p.healthy => (VmPhase::Running, None, Some(p.counters)),
+            Ok(p) => (VmPhase::Failed, p.reason, Some(p.counters)),
+            Err(err @ ProbeError::Gone { .. }) => (VmPhase::Failed, Some(err.to_string()), None),
+            Err(err) => (VmPhase::Failed, Some(crate::error_chain(&err)), None),
+        };
+        if phase != e.phase {
+            info!(vm = name, from = %e.phase, to = %phase, reason = reason.as_deref().unwrap_or(""), "vm phase");
+        }
+        if reason != e.record.failure && phase == VmPhase::Failed {
+            e.record.failure = reason.clone();
+            if let Err(err) = self.store.save_vm(&e.record) {
+                warn!(vm = name, error = %crate::error_chain(&err), "cannot persist vm failure");
+            }
+        }
+        e.phase = phase;
+        e.reason = reason;
+        e.guest = guest;
+    }
+
+    fn view(&self, e: &VmEntry) -> Vm {
+        let active = self.migrations.active_for(&e.record.spec.name);
+        let phase = match (&active, e.phase) {
+            (Some(_), VmPhase::Running) => VmPhase::Migrating,
+            (_, p) => p,
+        };
+        let live = if matches!(phase, VmPhase::Running | VmPhase::Migrating) {
+            Condition {
+                kind: ConditionType::LiveMigratable,
+                status: ConditionStatus::True,
+                reason: String::new(),
+                message: String::new(),
+            }
+        } else {
+            Condition {
+                kind: ConditionType::LiveMigratable,
+                status: ConditionStatus::False,
+                reason: "VmNotRunning".into(),
+                message: format!("vm is {phase}; only a running vm can be live-migrated"),
+            }
+        };
+        Vm {
+            spec: e.record.spec.clone(),
+            status: VmStatus {
+                phase,
+                node_name: self.host_name.clone(),
+                pid: e.record.pid.filter(|_| phase != VmPhase::Stopped),
+                reason: e.reason.clone(),
+                conditions: vec![live],
+                migration_method: MigrationMethod::LiveMigration,
+                active_migration: active.map(|r| r.name),
+                guest: e.guest.clone(),
+                created: Some(e.record.created),
+            },
+        }
+    }
+
+    fn get_view(&self, name: &str) -> Result<Vm, ServiceError> {
+        let vms = self.lock_vms();
+        let e = vms
+            .get(name)
+            .ok_or_else(|| ServiceError::VmNotFound { name: name.into() })?;
+        Ok(self.view(e))
+    }
+
+    pub fn get_vm(&self, name: &str) -> Result<Vm, ServiceError> {
+        check_name("vm name", name)?;
+        self.refresh(name);
+        self.get_view(name)
+    }
+
+    pub fn list_vms(&self) -> Vec<Vm> {
+        let names: Vec<String> = self.lock_vms().keys().cloned().collect();
+        for n in &names {
+            self.refresh(n);
+        }
+        let vms = self.lock_vms();
+        vms.values().map(|e| self.view(e)).collect()
+    }
+
+    /// Marks `name` busy with `op` and returns its record; refuses if it is
+    /// missing, busy, or (when `check_migration`) has an active migration.
+    fn begin(
+        &self,
+        name: &str,
+        op: &'static str,
+        check_migration: bool,
+    ) -> Result<VmRecord, ServiceError> {
+        check_name("vm name", name)?;
+        let mut vms = self.lock_vms();
+        let e = vms
+            .get_mut(name)
+            .ok_or_else(|| ServiceError::VmNotFound { name: name.into() })?;
+        if let Some(operation) = e.busy {
+            return Err(ServiceError::VmBusy {
+                name: name.into(),
+                operation,
+            });
+        }
+        if check_migration {
+            if let Some(m) = self.migrations.active_for(name) {
+                return Err(ServiceError::MigrationInProgress {
+                    vm: name.into(),
+                    migration: m.name,
+                    phase: m.phase,
+                });
+            }
+        }
+        e.busy = Some(op);
+        Ok(e.record.clone())
+    }
+
+    /// Ends an operation started with `begin`, storing the outcome.
+    fn finish(&self, name: &str, record: VmRecord, phase: VmPhase, reason: Option<String>) -> Vm {
+        let mut vms = self.lock_vms();
+        let e = vms.get_mut(name).expect("a busy vm is not removed");
+        e.record = record;
+        e.phase = phase;
+        e.reason = reason;
+        e.busy = None;
+        if phase != VmPhase::Running {
+            e.guest = None;
+        }
+        self.view(e)
+    }
+
+    pub fn create_vm(&self, spec: VmSpec) -> Result<Vm, ServiceError> {
+        spec.validate().map_err(ServiceError::InvalidSpec)?;
+        let name = spec.name.clone();
+        let mut record = VmRecord {
+            spec,
+            desired: DesiredState::Running,
+            pid: None,
+            failure: None,
+            created: Timestamp::now(),
+        };
+        {
+            let mut vms = self.lock_vms();
+            if vms.contains_key(&name) {
+                return Err(ServiceError::VmExists { name });
+            }
+            vms.insert(
+                name.clone(),
+                VmEntry {
+                    record: record.clone(),
+                    phase: VmPhase::Pending,
+                    reason: None,
+                    guest: None,
+                    busy: Some("create"),
+                },
+            );
+        }
+        let undo = |err: ServiceError| {
+            if let Err(e) = self.store.delete_vm(&name) {
+                warn!(vm = %name, error = %crate::error_chain(&e), "cannot clean up after a failed create");
+            }
+            self.lock_vms().remove(&name);
+            err
+        };
+        self.store
+            .save_vm(&record)
+            .map_err(|e| undo(ServiceError::Persist(e)))?;
+        let paths = self.store.vm_paths(&name);
+        let pid = self
+            .backend
+            .launch(&record.spec, &paths)
+            .map_err(|source| {
+                undo(ServiceError::Launch {
+                    name: name.clone(),
+                    source,
+                })
+            })?;
+        record.pid = Some(pid);
+        if let Err(e) = self.store.save_vm(&record) {
+            // The guest runs but would be forgotten by a restart: stop it
+            // rather than leave an unsupervised guest behind.
+            let _ = self.backend.shutdown(&paths);
+            return Err(undo(ServiceError::Persist(e)));
+        }
+        info!(vm = %name, pid, "vm created");
+        Ok(self.finish(&name, record, VmPhase::Running, None))
+    }
+
+    pub fn start_vm(&self, name: &str) -> Result<Vm, ServiceError> {
+        let mut record = self.begin(name, "start", true)?;
+        let paths = self.store.vm_paths(name);
+        // A VMM that still answers is adopted, never started twice.
+        if let Ok(p) = self.backend.probe(&paths) {
+            if p.healthy {
+                record.desired = DesiredState::Running;
+                record.failure = None;
+                let _ = self.store.save_vm(&record);
+                return Ok(self.finish(name, record, VmPhase::Running, None));
+            }
+            let _ = self.backend.shutdown(&paths);
+        }
+        let old = record.clone();
+        let launched = self.backend.launch(&record.spec, &paths);
+        match launched {
+            Ok(pid) => {
+                record.pid = Some(pid);
+                record.desired = DesiredState::Running;
+                record.failure = None;
+                if let Err(e) = self.store.save_vm(&record) {
+                    let _ = self.backend.shutdown(&paths);
+                    self.finish(name, old, VmPhase::Stopped, None);
+                    return Err(ServiceError::Persist(e));
+                }
+                info!(vm = name, pid, "vm started");
+                Ok(self.finish(name, record, VmPhase::Running, None))
+            }
+            Err(source) => {
+                let reason = source.to_string();
+                record.failure = Some(reason.clone());
+                record.desired = DesiredState::Stopped;
+                let _ = self.store.save_vm(&record);
+                self.finish(name, record, VmPhase::Failed, Some(reason));
+                Err(ServiceError::Launch {
+                    name: name.into(),
+                    source,
+                })
+            }
+        }
+    }
+
+    pub fn stop_vm(&self, name: &str) -> Result<Vm, ServiceError> {
+        let mut record = self.begin(name, "stop", true)?;
+        let paths = self.store.vm_paths(name);
+        if let Err(source) = self.backend.shutdown(&paths) {
+            let phase = self
+                .lock_vms()
+                .get(name)
+                .map(|e| e.phase)
+                .unwrap_or(VmPhase::Failed);
+            self.finish(name, record, phase, None);
+            return Err(ServiceError::Stop {
+                name: name.into(),
+                source,
+            });
+        }
+        record.desired = DesiredState::Stopped;
+        record.pid = None;
+        record.failure = None;
+        let saved = self.store.save_vm(&record);
+        let vm = self.finish(name, record, VmPhase::Stopped, None);
+        saved.map_err(ServiceError::Persist)?;
+        info!(vm = name, "vm stopped");
+        Ok(vm)
+    }
+
+    pub fn delete_vm(&self, name: &str) -> Result<(), ServiceError> {
+        let record = self.begin(name, "delete", true)?;
+        let paths = self.store.vm_paths(name);
+        let stopped = self.backend.shutdown(&paths);
+        if let Err(source) = stopped {
+            let phase = self
+                .lock_vms()
+                .get(name)
+                .map(|e| e.phase)
+                .unwrap_or(VmPhase::Failed);
+            self.finish(name, record, phase, None);
+            return Err(ServiceError::Stop {
+                name: name.into(),
+                source,
+            });
+        }
+        if let Err(e) = self.store.delete_vm(name) {
+            self.finish(name, record, VmPhase::Stopped, None);
+            return Err(ServiceError::Delete(e));
+        }
+        self.lock_vms().remove(name);
+        info!(vm = name, "vm deleted");
+        Ok(())
+    }
+
+    pub fn create_migration(&self, req: MigrationRequest) -> Result<MigrationRecord, ServiceError> {
+        check_name("vm name", &req.vm)?;
+        if req.target_host == self.host_name {
+            return Err(ServiceError::TargetIsSelf {
+                host: req.target_host,
+            });
+        }
+        let Some(address) = self.peers.get(&req.target_host).cloned() else {
+            return Err(ServiceError::UnknownHost {
+                host: req.target_host,
+                known: self.peers.keys().cloned().collect(),
+            });
+        };
+        self.refresh(&req.vm);
+        let record = {
+            // vms before migrations (see the module doc): a VM cannot be
+            // deleted between the checks and the insert.
+            let vms = self.lock_vms();
+            let e = vms.get(&req.vm).ok_or_else(|| ServiceError::VmNotFound {
+                name: req.vm.clone(),
+            })?;
+            if let Some(operation) = e.busy {
+                return Err(ServiceError::VmBusy {
+                    name: req.vm.clone(),
+                    operation,
+                });
+            }
+            let mut migs = self.migrations.lock();
+            if let Some(m) = migs
+                .values()
+                .find(|r| r.vm == req.vm && !r.phase.is_final())
+            {
+                return Err(ServiceError::MigrationInProgress {
+                    vm: req.vm.clone(),
+                    migration: m.name.clone(),
+                    phase: m.phase,
+                });
+            }
+            if e.phase != VmPhase::Running {
+                return Err(ServiceError::VmNotRunning {
+                    name: req.vm.clone(),
+                    phase: e.phase,
+                });
+            }
+            let mut record =
+                MigrationRecord::new_pending(&req.vm, &self.host_name, &req.target_host, &address);
+            record.bytes_total = e.record.spec.memory.bytes();
+            record.bytes_remaining = record.bytes_total;
+            self.store
+                .save_migration(&record)
+                .map_err(ServiceError::Persist)?;
+            migs.insert(record.name.clone(), record.clone());
+            record
+        };
+        info!(migration = %record.name, vm = %record.vm, target = %record.target_host, "migration created");
+        let handle = self.migrations.handle(&record.name);
+        self.engine.start(record.clone(), handle);
+        Ok(self.migrations.get(&record.name).unwrap_or(record))
+    }
+
+    pub fn list_migrations(&self) -> Vec<MigrationRecord> {
+        self.migrations.list()
+    }
+
+    pub fn get_migration(&self, name: &str) -> Result<MigrationRecord, ServiceError> {
+        self.migrations
+            .get(name)
+            .ok_or_else(|| ServiceError::MigrationNotFound { name: name.into() })
+    }
+
+    /// Asks the engine to cancel a pending or running migration.
+    pub fn cancel_migration(&self, name: &str) -> Result<MigrationRecord, ServiceError> {
+        let current = self.get_migration(name)?;
+        if current.phase.is_final() {
+            return Err(ServiceError::MigrationFinished {
+                name: name.into(),
+                phase: current.phase,
+            });
+        }
+        let handle = self.migrations.handle(name);
+        handle
+            .update(|r| {
+                r.abort_requested = true;
+                r.abort_status = Some(AbortStatus::Aborting);
+            })
+            .map_err(ServiceError::UpdateMigration)?;
+        self.engine.abort(handle);
+        self.get_migration(name)
+    }
+
+    pub fn health(&self) -> Health {
+        Health {
+            host_name: self.host_name.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            vms: self.lock_vms().len(),
+            active_migrations: self
+                .migrations
+                .list()
+                .iter()
+                .filter(|r| !r.phase.is_final())
+                .count(),
+        }
+    }
+
+    /// The migration table, for an engine that needs records of other
+    /// migrations (e.g. for limits).
+    pub fn migrations(&self) -> &Arc<MigrationTable> {
+        &self.migrations
+    }
+}

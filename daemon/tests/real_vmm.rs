@@ -1,0 +1,207 @@
+//! A real guest through the real daemon: `migrated` supervises a
+//! `migrate-vmm` KVM guest, is killed, restarts, and re-attaches to the
+//! guest, which kept running the whole time.
+//!
+//! Needs /dev/kvm and the `migrate-vmm` binary (build it first with
+//! `cargo build -p vmm --bin migrate-vmm`, or set MIGRATE_VMM_BIN). Without
+//! them the test is skipped with a message, unless MIGRATED_REQUIRE_KVM=1,
+//! which turns a skip into a failure.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use migrated::client::ApiClient;
+use migrated::model::{Quantity, VmPhase, VmSpec, WorkloadSpec};
+
+fn skip_or_fail(why: &str) {
+    if std::env::var("MIGRATED_REQUIRE_KVM").as_deref() == Ok("1") {
+        panic!("MIGRATED_REQUIRE_KVM=1 but {why}");
+    }
+    eprintln!("SKIPPED real_vmm test: {why}");
+}
+
+fn vmm_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("MIGRATE_VMM_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    // Test binaries live in target/<profile>/deps; cargo puts bins one up.
+    let exe = std::env::current_exe().ok()?;
+    let candidate = exe.parent()?.parent()?.join("migrate-vmm");
+    candidate.is_file().then_some(candidate)
+}
+
+/// A running `migrated`, killed (SIGKILL, like a crash) on drop.
+struct DaemonProcess {
+    child: Child,
+}
+
+impl DaemonProcess {
+    /// Starts the daemon and returns once it logged that it is serving.
+    fn start(config: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_migrated"))
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start migrated");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[migrated] {line}");
+                if line.contains("migrated ready") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("migrated did not become ready (see its log above)");
+        Self { child }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Kills the guest's VMM if the test ends before deleting the VM.
+struct VmmGuard(Option<u32>);
+
+impl Drop for VmmGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+        }
+    }
+}
+
+/// Whether process `pid` has exited (a zombie awaiting its reaper counts).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // The state letter follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+    }
+}
+
+/// Waits (bounded) until the guest's pass counter exceeds `above`.
+async fn passes_above(c: &ApiClient, name: &str, above: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let vm = c.get_vm(name).await.unwrap();
+        assert_eq!(vm.status.phase, VmPhase::Running, "{:?}", vm.status);
+        let g = vm
+            .status
+            .guest
+            .expect("a running vm reports guest counters");
+        assert_eq!(g.corrupt_pages, 0);
+        if g.passes > above {
+            return g.passes;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "guest passes stuck at {} (wanted > {above})",
+            g.passes
+        );
+    }
+}
+
+#[tokio::test]
+async fn real_guest_survives_daemon_restart() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return skip_or_fail("/dev/kvm is missing or not accessible");
+    }
+    let Some(vmm) = vmm_binary() else {
+        return skip_or_fail("migrate-vmm not built (cargo build -p vmm --bin migrate-vmm)");
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("api.sock");
+    let config = tmp.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "host_name = \"host-a\"\nstate_dir = {:?}\napi_socket = {:?}\nvmm_binary = {:?}\n\n[peers]\nhost-b = \"127.0.0.1:7879\"\n",
+            tmp.path().join("state"),
+            socket,
+            vmm
+        ),
+    )
+    .unwrap();
+
+    let daemon = DaemonProcess::start(&config);
+    let c = ApiClient::new(&socket);
+    let spec = VmSpec {
+        name: "real".into(),
+        labels: Default::default(),
+        memory: Quantity::mib(64),
+        vcpus: 1,
+        workload: WorkloadSpec {
+            wss: Quantity::mib(4),
+            dirty_rate: "64".parse().unwrap(),
+            ..WorkloadSpec::default()
+        },
+    };
+    let vm = c.create_vm(&spec).await.unwrap();
+    let mut guard = VmmGuard(vm.status.pid);
+    assert_eq!(vm.status.phase, VmPhase::Running);
+    let pid = vm.status.pid.expect("pid of the vmm");
+    let p1 = passes_above(&c, "real", 0).await;
+    let p2 = passes_above(&c, "real", p1).await;
+
+    // A daemon crash must not take the guest with it.
+    daemon.kill();
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "vmm died with the daemon"
+    );
+
+    let daemon = DaemonProcess::start(&config);
+    let vms = c.list_vms().await.unwrap();
+    assert_eq!(vms.len(), 1);
+    assert_eq!(vms[0].status.phase, VmPhase::Running, "{:?}", vms[0].status);
+    assert_eq!(vms[0].status.pid, Some(pid));
+    // The guest kept counting across the restart.
+    passes_above(&c, "real", p2).await;
+
+    // Stop waits for the VMM to exit, so a start right after works.
+    assert_eq!(
+        c.stop_vm("real").await.unwrap().status.phase,
+        VmPhase::Stopped
+    );
+    assert!(gone(pid), "vmm {pid} still running after stop");
+    let vm = c.start_vm("real").await.unwrap();
+    assert_eq!(vm.status.phase, VmPhase::Running);
+    let pid = vm.status.pid.unwrap();
+    guard.0 = Some(pid);
+    passes_above(&c, "real", 0).await;
+
+    c.delete_vm("real").await.unwrap();
+    assert!(gone(pid), "vmm {pid} still running after delete");
+    guard.0 = None;
+    assert!(c.list_vms().await.unwrap().is_empty());
+    drop(daemon);
+}

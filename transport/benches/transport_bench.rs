@@ -1,0 +1,516 @@
+//! Loopback throughput and latency of the transport, printed as a table.
+//!
+//! Moves `--size` bytes (default 4 GiB) of guest memory between two QUIC
+//! endpoints in one process, over 127.0.0.1, and compares in the same run:
+//! raw quinn streams (no framing) against the page protocol (sessions +
+//! driver) with 1 and 4 streams, zstd off/on for compressible and
+//! incompressible pages, and zero-only memory. CPU is getrusage of the whole
+//! process (both ends). Then it times `--requests` post-copy page requests
+//! of one 4 KiB page each.
+//!
+//! Guest memory is a 256 MiB buffer seen through a layout of `--size`:
+//! page i is buffer page i mod 65536, on both ends.
+//!
+//! Run: `cargo bench -p transport --bench transport_bench -- --size 1G`
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use clap::Parser;
+use transport::driver::{DestEvent, DestinationDriver, SourceDriver};
+use transport::endpoint::{Endpoint, EndpointConfig, MigrationId, PeerConnection};
+use transport::identity::{ClusterCa, HostName, Validity};
+use transport::layout::{MemoryLayout, PageIndex, PageRange, PAGE_SIZE};
+use transport::limiter::RateLimiter;
+use transport::session::{
+    DestOptions, DestinationSession, PageSink, PageSource, SourceOptions, SourceSession,
+};
+
+const GIB: f64 = (1u64 << 30) as f64;
+const BUFFER_PAGES: usize = 65536; // 256 MiB
+
+#[derive(Parser, Debug)]
+#[command(about = "transport loopback benchmark")]
+struct Args {
+    /// Bytes to move per row (suffixes K, M, G).
+    #[arg(long, default_value = "4G", value_parser = parse_size)]
+    size: u64,
+    /// Post-copy single-page requests to time.
+    #[arg(long, default_value_t = 10_000)]
+    requests: u32,
+    /// Initial (and maximum) UDP payload size.
+    #[arg(long, default_value_t = transport::endpoint::MAX_GSO_SAFE_MTU)]
+    mtu: u16,
+    /// Pages per batch frame.
+    #[arg(long, default_value_t = 128)]
+    batch_pages: usize,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|e| format!("bad size {s:?}: {e}"))?;
+    let bytes = n.checked_mul(mult).ok_or("size overflows")?;
+    if bytes < (1 << 20) || bytes % PAGE_SIZE as u64 != 0 {
+        return Err("size must be at least 1M and whole pages".into());
+    }
+    Ok(bytes)
+}
+
+/// Guest memory: a buffer that repeats over the whole layout.
+struct Memory(Vec<u8>);
+
+impl Memory {
+    fn offset(index: PageIndex) -> usize {
+        (index.0 as usize % BUFFER_PAGES) * PAGE_SIZE
+    }
+}
+
+impl PageSource for Memory {
+    fn read_page(&self, index: PageIndex, out: &mut [u8; PAGE_SIZE]) -> std::io::Result<()> {
+        let at = Self::offset(index);
+        out.copy_from_slice(&self.0[at..at + PAGE_SIZE]);
+        Ok(())
+    }
+}
+
+impl PageSink for Memory {
+    fn write_page(&mut self, index: PageIndex, data: &[u8; PAGE_SIZE]) -> std::io::Result<()> {
+        let at = Self::offset(index);
+        self.0[at..at + PAGE_SIZE].copy_from_slice(data);
+        Ok(())
+    }
+    fn write_zero(&mut self, start: PageIndex, count: u64) -> std::io::Result<()> {
+        let mut i = start.0;
+        while i < start.0 + count {
+            // Whole stretches up to the end of the buffer at a time.
+            let at = Self::offset(PageIndex(i));
+            let run = (count - (i - start.0)).min(((self.0.len() - at) / PAGE_SIZE) as u64);
+            self.0[at..at + run as usize * PAGE_SIZE].fill(0);
+            i += run;
+        }
+        Ok(())
+    }
+    fn write_pages(&mut self, first: PageIndex, data: &[u8]) -> std::io::Result<()> {
+        let mut done = 0;
+        while done < data.len() {
+            let at = Self::offset(PageIndex(first.0 + (done / PAGE_SIZE) as u64));
+            let n = (data.len() - done).min(self.0.len() - at);
+            self.0[at..at + n].copy_from_slice(&data[done..done + n]);
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Content {
+    Random,
+    Compressible,
+    Zero,
+}
+
+fn memory(content: Content) -> Memory {
+    // Every page touched, as in a running guest (a fresh zeroed allocation
+    // would fault in pages during the measurement).
+    let mut buf = vec![1u8; BUFFER_PAGES * PAGE_SIZE];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut rand = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    match content {
+        Content::Random => buf.chunks_exact_mut(8).for_each(|c| {
+            c.copy_from_slice(&rand().to_le_bytes());
+        }),
+        Content::Compressible => {
+            // Like a heap page: some random words, much repeated text.
+            const TEXT: &[u8] = b"struct page { flags, mapping, index, private }; ";
+            for (p, page) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
+                for (i, b) in page.iter_mut().enumerate() {
+                    *b = TEXT[(i + p) % TEXT.len()];
+                }
+                for w in page[..512].chunks_exact_mut(8) {
+                    w.copy_from_slice(&rand().to_le_bytes());
+                }
+            }
+        }
+        Content::Zero => buf.fill(0),
+    }
+    Memory(buf)
+}
+
+/// CPU seconds (user + system) and minor page faults of the whole process.
+fn cpu_seconds() -> (f64, i64) {
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .expect("getrusage");
+    let tv = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    (
+        tv(usage.user_time()) + tv(usage.system_time()),
+        usage.minor_page_faults(),
+    )
+}
+
+fn since(start: (f64, i64)) -> (f64, i64) {
+    let now = cpu_seconds();
+    (now.0 - start.0, now.1 - start.1)
+}
+
+struct Row {
+    name: String,
+    streams: u16,
+    bytes: u64,
+    wall: Duration,
+    cpu: (f64, i64),
+    note: String,
+}
+
+impl Row {
+    fn gib_s(&self) -> f64 {
+        self.bytes as f64 / GIB / self.wall.as_secs_f64()
+    }
+    fn cpu_per_gib(&self) -> f64 {
+        self.cpu.0 / (self.bytes as f64 / GIB)
+    }
+    fn faults_per_gib(&self) -> f64 {
+        self.cpu.1 as f64 / (self.bytes as f64 / GIB)
+    }
+}
+
+struct Pair {
+    src: PeerConnection,
+    dst: PeerConnection,
+    _endpoints: [Endpoint; 2],
+    next_id: u128,
+}
+
+impl Pair {
+    async fn new(mtu: u16) -> anyhow::Result<Self> {
+        let ca = ClusterCa::generate("bench").context("generating ca")?;
+        let validity = Validity::for_duration(Duration::from_secs(3600));
+        let mut config = EndpointConfig::listening_on(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+        config.initial_mtu = mtu;
+        config.max_mtu = mtu;
+        config.guaranteed_mtu = mtu;
+        let name = |n: &str| HostName::new(n).context("host name");
+        let a = Endpoint::bind(&config, &ca.host_identity(&name("src")?, validity)?)
+            .context("binding source")?;
+        let b = Endpoint::bind(&config, &ca.host_identity(&name("dst")?, validity)?)
+            .context("binding destination")?;
+        let server = b.clone();
+        let accepted = tokio::spawn(async move { server.accept().await });
+        let src = a
+            .connect(b.local_addr()?, &name("dst")?)
+            .await
+            .context("connecting")?;
+        let dst = accepted
+            .await?
+            .context("endpoint closed")?
+            .context("accepting")?;
+        Ok(Self {
+            src,
+            dst,
+            _endpoints: [a, b],
+            next_id: 0,
+        })
+    }
+
+    async fn streams(
+        &mut self,
+        n: u16,
+    ) -> anyhow::Result<(
+        transport::endpoint::SourceStreams,
+        transport::endpoint::DestinationStreams,
+    )> {
+        self.next_id += 1;
+        let (s, d) = tokio::join!(
+            self.src.open_migration(MigrationId(self.next_id), n),
+            self.dst.accept_migration()
+        );
+        Ok((
+            s.context("opening streams")?,
+            d.context("accepting streams")?,
+        ))
+    }
+}
+
+/// Plain quinn streams: the same bytes, no framing, no sessions.
+async fn raw(pair: &mut Pair, streams: u16, size: u64) -> anyhow::Result<Row> {
+    let (src, dst) = pair.streams(streams).await?;
+    let chunk = Bytes::from(vec![0x5Au8; 1 << 20]);
+    let per_stream = size / u64::from(streams);
+    let cpu0 = cpu_seconds();
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut tx in src.bulk {
+        let chunk = chunk.clone();
+        tasks.spawn(async move {
+            let mut left = per_stream;
+            while left > 0 {
+                let n = left.min(chunk.len() as u64) as usize;
+                tx.write_chunk(chunk.slice(..n)).await?;
+                left -= n as u64;
+            }
+            tx.finish()?;
+            // Keep the stream until the peer has it all.
+            let _ = tx.stopped().await;
+            anyhow::Ok(0u64)
+        });
+    }
+    for mut rx in dst.bulk {
+        tasks.spawn(async move {
+            let mut got = 0u64;
+            while let Some(c) = rx.read_chunk(usize::MAX, true).await? {
+                got += c.bytes.len() as u64;
+            }
+            anyhow::Ok(got)
+        });
+    }
+    let mut received = 0;
+    while let Some(r) = tasks.join_next().await {
+        received += r??;
+    }
+    let wall = start.elapsed();
+    if received != per_stream * u64::from(streams) {
+        bail!("raw: received {received} bytes");
+    }
+    Ok(Row {
+        name: "raw quinn".into(),
+        streams,
+        bytes: received,
+        wall,
+        cpu: since(cpu0),
+        note: String::new(),
+    })
+}
+
+/// One pre-copy pass of `size` bytes through the sessions and drivers.
+async fn pages(
+    pair: &mut Pair,
+    streams: u16,
+    size: u64,
+    content: Content,
+    zstd: bool,
+    batch_pages: usize,
+) -> anyhow::Result<Row> {
+    let (src_streams, dst_streams) = pair.streams(streams).await?;
+    let mem = memory(content);
+    let total_pages = size / PAGE_SIZE as u64;
+    let layout = MemoryLayout::x86(size).context("layout")?;
+    let destination = tokio::spawn(async move {
+        // Touched before the clock starts, like a destination's memfd that
+        // is already mapped: page faults of the sink are not the protocol's.
+        let mut sink = Memory(vec![1u8; BUFFER_PAGES * PAGE_SIZE]);
+        let mut session = DestinationSession::new(DestOptions {
+            auto_accept: true,
+            max_streams: 64,
+            ..DestOptions::default()
+        });
+        let mut driver = DestinationDriver::new(dst_streams);
+        loop {
+            match driver.next_event(&mut session, &mut sink).await? {
+                DestEvent::PassComplete(_) => return anyhow::Ok(sink),
+                DestEvent::State(_) => {}
+                other => bail!("unexpected {other:?}"),
+            }
+        }
+    });
+    let mut session = SourceSession::new(
+        layout,
+        SourceOptions {
+            compress: zstd,
+            batch_pages,
+            max_streams: streams,
+            ..SourceOptions::default()
+        },
+    )?;
+    let mut driver = SourceDriver::new(src_streams, RateLimiter::unlimited());
+    driver.handshake(&mut session, &mem).await?;
+    let cpu0 = cpu_seconds();
+    let start = Instant::now();
+    let stats = driver
+        .send_pass(&mut session, &mem, &[PageRange::new(0, total_pages)], &[])
+        .await?;
+    let wall = start.elapsed();
+    let cpu = since(cpu0);
+    let sink = destination.await??;
+    // Only the part of the buffer the layout covers was sent.
+    let covered = (size as usize).min(mem.0.len());
+    if sink.0[..covered] != mem.0[..covered] {
+        bail!("destination memory differs");
+    }
+    let wire = stats.wire_bytes as f64 / size as f64;
+    Ok(Row {
+        name: format!(
+            "pages {:?} zstd {}",
+            content,
+            if zstd { "on" } else { "off" }
+        ),
+        streams,
+        bytes: size,
+        wall,
+        cpu,
+        note: format!("wire {:.0}% of memory", wire * 100.0),
+    })
+}
+
+/// Post-copy round trips of single-page requests.
+async fn rtt(pair: &mut Pair, requests: u32) -> anyhow::Result<(Duration, Duration, Duration)> {
+    let (src_streams, dst_streams) = pair.streams(1).await?;
+    let size = (BUFFER_PAGES * PAGE_SIZE) as u64;
+    let mem = memory(Content::Random);
+    let layout = MemoryLayout::x86(size)?;
+    let source = tokio::spawn(async move {
+        let mut session = SourceSession::new(
+            layout,
+            SourceOptions {
+                postcopy: true,
+                ..SourceOptions::default()
+            },
+        )?;
+        let mut driver = SourceDriver::new(src_streams, RateLimiter::unlimited());
+        driver.handshake(&mut session, &mem).await?;
+        driver
+            .switchover(&mut session, &mem, b"state", true)
+            .await?;
+        driver.serve_until_done(&mut session, &mem).await?;
+        anyhow::Ok(())
+    });
+    let mut sink = Memory(vec![0u8; BUFFER_PAGES * PAGE_SIZE]);
+    let mut session = DestinationSession::new(DestOptions {
+        auto_accept: true,
+        ..DestOptions::default()
+    });
+    let mut driver = DestinationDriver::new(dst_streams);
+    loop {
+        match driver.next_event(&mut session, &mut sink).await? {
+            DestEvent::SwitchedOver { postcopy: true } => break,
+            DestEvent::State(_) => {}
+            other => bail!("unexpected {other:?}"),
+        }
+    }
+    let mut times = Vec::with_capacity(requests as usize);
+    let mut x: u64 = 12345;
+    for _ in 0..requests {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let index = PageIndex((x >> 33) % BUFFER_PAGES as u64);
+        let t = Instant::now();
+        driver
+            .request_pages(&mut session, &mut sink, index, 1)
+            .await?;
+        times.push(t.elapsed());
+    }
+    let done = session.resumed()?;
+    driver.send_control(&done).await?;
+    source.await??;
+    times.sort();
+    let pct = |p: f64| times[((times.len() as f64 * p) as usize).min(times.len() - 1)];
+    Ok((pct(0.50), pct(0.99), pct(1.0)))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("building runtime")?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mut pair = Pair::new(args.mtu).await?;
+    let size = args.size;
+    let mut rows = Vec::new();
+    for streams in [1, 4] {
+        rows.push(raw(&mut pair, streams, size).await?);
+        rows.push(
+            pages(
+                &mut pair,
+                streams,
+                size,
+                Content::Random,
+                false,
+                args.batch_pages,
+            )
+            .await?,
+        );
+    }
+    for (content, zstd) in [
+        (Content::Random, true),
+        (Content::Compressible, false),
+        (Content::Compressible, true),
+        (Content::Zero, false),
+    ] {
+        rows.push(pages(&mut pair, 4, size, content, zstd, args.batch_pages).await?);
+    }
+    let stats = pair.src.stats();
+    println!(
+        "loopback, {} per row, batch {} pages, mtu {} (path mtu now {}), 2 tokio workers",
+        human(size),
+        args.batch_pages,
+        args.mtu,
+        stats.path.current_mtu
+    );
+    println!(
+        "{:<28} {:>7} {:>9} {:>8} {:>10} {:>12}  note",
+        "row", "streams", "GiB/s", "wall s", "cpu s/GiB", "faults/GiB"
+    );
+    for r in &rows {
+        println!(
+            "{:<28} {:>7} {:>9.3} {:>8.2} {:>10.2} {:>12.0}  {}",
+            r.name,
+            r.streams,
+            r.gib_s(),
+            r.wall.as_secs_f64(),
+            r.cpu_per_gib(),
+            r.faults_per_gib(),
+            r.note
+        );
+    }
+    for streams in [1u16, 4] {
+        let raw = rows
+            .iter()
+            .find(|r| r.name == "raw quinn" && r.streams == streams);
+        let page = rows
+            .iter()
+            .find(|r| r.name == "pages Random zstd off" && r.streams == streams);
+        if let (Some(raw), Some(page)) = (raw, page) {
+            println!(
+                "page protocol / raw quinn, {streams} stream(s): {:.0}%",
+                100.0 * page.gib_s() / raw.gib_s()
+            );
+        }
+    }
+    let (p50, p99, max) = rtt(&mut pair, args.requests).await?;
+    println!(
+        "post-copy 4 KiB request round trip over {} requests: p50 {} us, p99 {} us, max {} us",
+        args.requests,
+        p50.as_micros(),
+        p99.as_micros(),
+        max.as_micros()
+    );
+    Ok(())
+}
+
+fn human(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{:.1} GiB", bytes as f64 / GIB)
+    } else {
+        format!("{} MiB", bytes >> 20)
+    }
+}

@@ -6,6 +6,8 @@
 
 #![forbid(unsafe_code)]
 
+mod cert;
+mod demo;
 mod render;
 
 use std::collections::BTreeMap;
@@ -69,6 +71,12 @@ enum Command {
     },
     /// Show the daemon's host name and version.
     Health,
+    /// Create the cluster CA and host certificates for mutual TLS.
+    #[command(subcommand)]
+    Cert(cert::CertCommand),
+    /// Run two daemons on this machine and live-migrate a guest between
+    /// them, end to end (needs /dev/kvm and the built binaries).
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -132,6 +140,10 @@ struct MigrateArgs {
     /// Follow the migration with a progress bar until it ends.
     #[arg(long)]
     wait: bool,
+    /// Compare full-memory digests of source and destination at switchover
+    /// (memoryDigestMatched in the record).
+    #[arg(long)]
+    verify: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -222,6 +234,8 @@ async fn run(cli: Cli) -> Result<()> {
     let c = ApiClient::new(&cli.socket);
     let out = cli.output;
     match cli.command {
+        Command::Cert(cmd) => cert::run(cmd),
+        Command::Demo(a) => demo::run(a, out).await,
         Command::Vm(VmCommand::Create(a)) => {
             let spec = VmSpec {
                 name: a.name,
@@ -293,6 +307,7 @@ async fn migrate(c: &ApiClient, out: Output, a: MigrateArgs) -> Result<()> {
     let req = MigrationRequest {
         vm: a.vm,
         target_host: a.to,
+        verify: a.verify,
     };
     let mut m = c.create_migration(&req).await?;
     if out == Output::Table {
@@ -312,6 +327,10 @@ async fn migrate(c: &ApiClient, out: Output, a: MigrateArgs) -> Result<()> {
             "migration {} failed: {}",
             m.name,
             m.failure_reason.as_deref().unwrap_or("no reason recorded")
+        ),
+        MigrationPhase::Succeeded if m.memory_digest_matched == Some(false) => bail!(
+            "migration {} moved the vm but the memory digests of source and destination differ",
+            m.name
         ),
         MigrationPhase::Succeeded => Ok(()),
         _ => {

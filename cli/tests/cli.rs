@@ -373,3 +373,95 @@ fn successful_migration_exits_0() {
     );
     assert_eq!(field(&out, "Passes").as_deref(), Some("3"), "{out}");
 }
+
+#[test]
+fn cert_commands_write_a_usable_ca_and_host_identity() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("unused.sock");
+    let ca = tmp.path().join("ca");
+    let ca_arg = ca.to_str().unwrap();
+    let out = tmp.path().join("node-a");
+    let out_arg = out.to_str().unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+
+    let o = ctl_at(
+        &sock,
+        &["cert", "init-ca", "--dir", ca_arg, "--name", "test ca"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(mode(&ca.join("ca.key")), 0o600);
+    let o = ctl_at(
+        &sock,
+        &[
+            "cert", "issue", "node-a", "--ca-dir", ca_arg, "--out", out_arg, "--days", "30",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("host.pem"), "{}", stdout(&o));
+    assert_eq!(mode(&out.join("host.key")), 0o600);
+    let id = transport::identity::HostIdentity::load_pem(
+        &out.join("ca.pem"),
+        &out.join("host.pem"),
+        &out.join("host.key"),
+    )
+    .unwrap();
+    assert_eq!(id.host().as_str(), "node-a");
+
+    // Key material is never overwritten by accident.
+    let before = std::fs::read(ca.join("ca.key")).unwrap();
+    let o = ctl_at(&sock, &["cert", "init-ca", "--dir", ca_arg]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--force"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(ca.join("ca.key")).unwrap(), before);
+
+    let o = ctl_at(
+        &sock,
+        &[
+            "cert", "issue", "node_a!", "--ca-dir", ca_arg, "--out", out_arg,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("invalid host name"), "{}", stderr(&o));
+    let o = ctl_at(
+        &sock,
+        &[
+            "cert", "issue", "node-b", "--ca-dir", out_arg, "--out", out_arg,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("cert init-ca"), "{}", stderr(&o));
+    let o = ctl_at(
+        &sock,
+        &[
+            "cert", "issue", "node-b", "--ca-dir", ca_arg, "--out", out_arg, "--days", "0",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn demo_bad_arguments_exit_2() {
+    let sock = Path::new("/nonexistent/api.sock");
+    let o = ctl_at(sock, &["demo", "--memory", "lots"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("lots"), "{}", stderr(&o));
+    let o = ctl_at(sock, &["demo", "--mode", "weird"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("sparse"), "{}", stderr(&o));
+}
+
+#[test]
+fn demo_without_the_other_binaries_says_how_to_build_them() {
+    // A hard link, not a copy: a copy leaves a write descriptor that a child
+    // forked concurrently by another test may inherit, and exec then fails
+    // with ETXTBSY. The link lives beside the target dir (same filesystem).
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let lone = tmp.path().join("migratectl");
+    std::fs::hard_link(env!("CARGO_BIN_EXE_migratectl"), &lone).unwrap();
+    let o = Command::new(&lone).arg("demo").output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.contains("cannot find"), "{err}");
+    assert!(err.contains("cargo build --release --workspace"), "{err}");
+}

@@ -5,7 +5,8 @@
 //! GET    /v1/vms                     list       POST /v1/vms          create (VmSpec)
 //! GET    /v1/vms/{name}              get        DELETE /v1/vms/{name} stop + delete
 //! POST   /v1/vms/{name}/stop|start
-//! GET    /v1/migrations              list       POST /v1/migrations   create (MigrationRequest)
+//! GET    /v1/migrations              list       POST /v1/migrations   create (MigrationRequest:
+//!                                                                    {vm, targetHost, verify?})
 //! GET    /v1/migrations/{name}       get        DELETE /v1/migrations/{name} cancel
 //! ```
 //!

@@ -91,7 +91,8 @@ pub struct MigrationDefaults {
     pub completion_timeout_per_gib: u64,
     /// Seconds without progress before a migration is cancelled.
     pub progress_timeout: u64,
-    /// Bandwidth cap per migration, bytes per second; "0" = unlimited.
+    /// Bandwidth cap per migration, wire bytes per second; "0" (the
+    /// default) = unlimited.
     pub bandwidth_per_migration: Quantity,
     /// Longest acceptable pause of the guest at switchover.
     pub downtime_limit: HumanDuration,
@@ -138,7 +139,7 @@ impl Default for MigrationDefaults {
             allow_post_copy: false,
             completion_timeout_per_gib: 800,
             progress_timeout: 150,
-            bandwidth_per_migration: Quantity::mib(64),
+            bandwidth_per_migration: Quantity(0),
             downtime_limit: HumanDuration::from_millis(300),
             keepalive_interval: HumanDuration::from_secs(5),
             keepalive_count: 5,
@@ -378,7 +379,7 @@ const KEY_DOCS: &[(&str, &str)] = &[
     ),
     (
         "bandwidth_per_migration",
-        "Bandwidth cap per migration in bytes/s (e.g. \"64Mi\"); \"0\" = unlimited.",
+        "Bandwidth cap per migration in bytes/s on the wire (after compression), e.g. \"64Mi\"; the default \"0\" means unlimited.",
     ),
     (
         "downtime_limit",
@@ -427,7 +428,7 @@ mod tests {
         let m = &c.migration;
         assert_eq!(m.completion_timeout_per_gib, 800);
         assert_eq!(m.progress_timeout, 150);
-        assert_eq!(m.bandwidth_per_migration, Quantity(64 << 20));
+        assert_eq!(m.bandwidth_per_migration, Quantity(0));
         assert_eq!(m.downtime_limit.get().as_millis(), 300);
         assert_eq!(m.keepalive_interval.get().as_secs(), 5);
         assert_eq!(m.keepalive_count, 5);

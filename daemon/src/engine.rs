@@ -1,6 +1,7 @@
 //! The seam between migration records and whatever moves the guest. The
-//! page-transfer engine is a later change; until then [`UnavailableEngine`]
-//! fails every migration at once with a clear reason instead of pretending.
+//! daemon runs `precopy::PrecopyEngine`; [`UnavailableEngine`] (fails every
+//! migration at once with a clear reason) remains for tests and tools that
+//! must not move guests.
 //!
 //! An engine gets the new record and a [`MigrationHandle`] through which it
 //! reports progress; every update is persisted before it is visible.

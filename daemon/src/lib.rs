@@ -1,7 +1,8 @@
 //! `migrated`, the per-host daemon: its config, the local API and its
 //! client, VM supervision through `migrate-vmm` processes, and persisted
-//! VM and migration records. `model` holds the API types `migratectl`
-//! shares.
+//! VM and migration records, and the pre-copy migration engine (`precopy`,
+//! `outgoing`, `incoming`, over `peers`). `model` holds the API types
+//! `migratectl` shares.
 
 #![forbid(unsafe_code)]
 
@@ -9,7 +10,12 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod engine;
+pub mod guestio;
+pub mod incoming;
 pub mod model;
+pub mod outgoing;
+pub mod peers;
+pub mod precopy;
 pub mod quantity;
 pub mod service;
 pub mod store;

@@ -12,13 +12,16 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Parser;
 use migrated::config::{Config, DEFAULT_CONFIG_PATH};
-use migrated::engine::UnavailableEngine;
+use migrated::peers::Peers;
+use migrated::precopy::PrecopyEngine;
 use migrated::service::Service;
 use migrated::store::Store;
 use migrated::supervisor::VmmSupervisor;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
+use transport::endpoint::{Endpoint, EndpointConfig, Keepalive};
+use transport::identity::HostIdentity;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -85,13 +88,29 @@ fn run(cli: Cli) -> Result<()> {
     rt.block_on(async move {
         let host = config.host_name.clone();
         let peers = config.peers.clone();
+        let endpoint = bind_endpoint(&config)?;
+        let engine = Arc::new(PrecopyEngine::new(
+            tokio::runtime::Handle::current(),
+            host.clone(),
+            endpoint
+                .clone()
+                .map(|ep| Arc::new(Peers::new(ep, peers.clone()))),
+            config.migration.clone(),
+        ));
+        let supervisor = (*backend).clone();
+        let svc_engine = engine.clone();
         // Re-attaching probes every VMM (blocking calls).
         let (svc, recovery) = tokio::task::spawn_blocking(move || {
-            Service::open(host, peers, store, backend, Arc::new(UnavailableEngine))
+            Service::open(host, peers, store, backend, svc_engine)
         })
         .await
         .context("re-attach task failed")?
         .context("cannot load the state directory")?;
+        let svc = Arc::new(svc);
+        engine.attach(&svc);
+        if let Some(ep) = endpoint {
+            tokio::spawn(migrated::incoming::accept_loop(ep, svc.clone(), supervisor));
+        }
         info!(
             running = recovery.running.len(),
             stopped = recovery.stopped.len(),
@@ -120,8 +139,41 @@ fn run(cli: Cli) -> Result<()> {
             listen = %config.listen,
             "migrated ready"
         );
-        let served = migrated::api::serve(listener, Arc::new(svc), shutdown).await;
+        let served = migrated::api::serve(listener, svc, shutdown).await;
         let _ = std::fs::remove_file(&config.api_socket);
         served.context("the API server failed")
     })
+}
+
+/// The QUIC endpoint for peers, or `None` (with a warning) when this host
+/// has no TLS identity yet: the daemon then serves its API and guests, and
+/// every migration fails with `tls_unavailable`. Identity files that exist
+/// but do not load stop the daemon.
+fn bind_endpoint(config: &Config) -> Result<Option<Endpoint>> {
+    let tls = &config.tls;
+    if !tls.ca.exists() && !tls.cert.exists() && !tls.key.exists() {
+        warn!(
+            ca = %tls.ca.display(),
+            "no TLS identity ([tls] files missing): migrations to and from this host are disabled"
+        );
+        return Ok(None);
+    }
+    let identity = HostIdentity::load_pem(&tls.ca, &tls.cert, &tls.key)
+        .context("cannot load the TLS identity from [tls]")?;
+    if identity.host().as_str() != config.host_name {
+        warn!(
+            cert = %identity.host(),
+            host_name = %config.host_name,
+            "the host certificate names another host than host_name; peers dial by certificate name"
+        );
+    }
+    let mut ep_config = EndpointConfig::listening_on(config.listen);
+    ep_config.keepalive = Keepalive {
+        interval: config.migration.keepalive_interval.get(),
+        count: config.migration.keepalive_count,
+    };
+    let endpoint = Endpoint::bind(&ep_config, &identity)
+        .with_context(|| format!("cannot listen for peers on {}", config.listen))?;
+    info!(listen = %config.listen, host = %identity.host(), "peer endpoint ready");
+    Ok(Some(endpoint))
 }

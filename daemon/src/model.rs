@@ -439,6 +439,10 @@ pub enum AbortStatus {
 pub struct MigrationRequest {
     pub vm: String,
     pub target_host: String,
+    /// Compare full-memory digests of both sides at switchover (tests and
+    /// `migratectl demo`); the result lands in `memoryDigestMatched`.
+    #[serde(default)]
+    pub verify: bool,
 }
 
 /// One migration, persisted for its whole life and kept afterwards. Fields
@@ -498,6 +502,13 @@ pub struct MigrationRecord {
     pub abort_requested: bool,
     #[serde(default)]
     pub abort_status: Option<AbortStatus>,
+    /// The migration was asked to verify memory digests.
+    #[serde(default)]
+    pub verify: bool,
+    /// Verify mode only: whether the destination's memory digest equalled
+    /// the source's at switchover (both taken while the guest was paused).
+    #[serde(default)]
+    pub memory_digest_matched: Option<bool>,
 }
 
 impl MigrationRecord {
@@ -554,6 +565,8 @@ impl MigrationRecord {
             failure_reason: None,
             abort_requested: false,
             abort_status: None,
+            verify: false,
+            memory_digest_matched: None,
         }
     }
 

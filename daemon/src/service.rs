@@ -15,7 +15,7 @@ use crate::engine::{MigrationEngine, MigrationTable, UpdateMigrationError};
 use crate::model::{
     check_name, codes, AbortStatus, Condition, ConditionStatus, ConditionType, GuestCounters,
     Health, InvalidNameError, InvalidSpecError, MigrationMethod, MigrationPhase, MigrationRecord,
-    MigrationRequest, Timestamp, Vm, VmPhase, VmSpec, VmStatus,
+    MigrationRequest, Quantity, Timestamp, Vm, VmPhase, VmSpec, VmStatus,
 };
 use crate::store::{
     DeleteRecordError, DesiredState, ListRecordsError, SaveRecordError, Store, VmRecord,
@@ -121,6 +121,9 @@ impl ServiceError {
         })
     }
 }
+
+/// `busy` marker of a VM being received by migration.
+const INCOMING: &str = "incoming migration";
 
 /// A VM as the daemon tracks it.
 #[derive(Debug)]
@@ -574,6 +577,7 @@ impl Service {
             }
             let mut record =
                 MigrationRecord::new_pending(&req.vm, &self.host_name, &req.target_host, &address);
+            record.verify = req.verify;
             record.bytes_total = e.record.spec.memory.bytes();
             record.bytes_remaining = record.bytes_total;
             self.store
@@ -630,6 +634,100 @@ impl Service {
                 .filter(|r| !r.phase.is_final())
                 .count(),
         }
+    }
+
+    /// The store (VM paths for the migration engine).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The persisted record of `name`, if the VM exists here.
+    pub fn vm_record(&self, name: &str) -> Option<VmRecord> {
+        self.lock_vms().get(name).map(|e| e.record.clone())
+    }
+
+    /// Holds `name` for an incoming migration: the VM shows as Pending and
+    /// no other create or migration can take the name meanwhile. Nothing is
+    /// persisted until [`complete_incoming`](Self::complete_incoming).
+    pub fn reserve_incoming(&self, name: &str, memory: Quantity) -> Result<(), ServiceError> {
+        check_name("vm name", name)?;
+        let mut vms = self.lock_vms();
+        if vms.contains_key(name) {
+            return Err(ServiceError::VmExists { name: name.into() });
+        }
+        let spec = VmSpec {
+            name: name.into(),
+            labels: Default::default(),
+            memory,
+            vcpus: 1,
+            workload: Default::default(),
+        };
+        vms.insert(
+            name.into(),
+            VmEntry {
+                record: VmRecord {
+                    spec,
+                    desired: DesiredState::Running,
+                    pid: None,
+                    failure: None,
+                    created: Timestamp::now(),
+                },
+                phase: VmPhase::Pending,
+                reason: None,
+                guest: None,
+                busy: Some(INCOMING),
+            },
+        );
+        Ok(())
+    }
+
+    /// The migrated guest runs here under `pid`: persist it as a VM that
+    /// this daemon supervises like any other.
+    pub fn complete_incoming(&self, spec: VmSpec, pid: u32) -> Result<(), ServiceError> {
+        let name = spec.name.clone();
+        let record = VmRecord {
+            spec,
+            desired: DesiredState::Running,
+            pid: Some(pid),
+            failure: None,
+            created: Timestamp::now(),
+        };
+        self.store.save_vm(&record).map_err(ServiceError::Persist)?;
+        let mut vms = self.lock_vms();
+        if let Some(e) = vms.get_mut(&name).filter(|e| e.busy == Some(INCOMING)) {
+            e.record = record;
+            e.phase = VmPhase::Running;
+            e.busy = None;
+        }
+        info!(vm = %name, pid, "vm arrived by migration");
+        Ok(())
+    }
+
+    /// Drops an incoming reservation (and any files it left).
+    pub fn cancel_incoming(&self, name: &str) {
+        let mut vms = self.lock_vms();
+        if vms.get(name).is_some_and(|e| e.busy == Some(INCOMING)) {
+            vms.remove(name);
+            if let Err(e) = self.store.delete_vm(name) {
+                warn!(vm = name, error = %crate::error_chain(&e), "cannot clean up after a failed incoming migration");
+            }
+        }
+    }
+
+    /// The guest now runs on another host: stop its VMM here and forget it.
+    /// Unlike `delete_vm` this runs while the VM's migration is active.
+    pub fn remove_migrated_vm(&self, name: &str) -> Result<(), ServiceError> {
+        let paths = self.store.vm_paths(name);
+        self.backend
+            .shutdown(&paths)
+            .map_err(|source| ServiceError::Stop {
+                name: name.into(),
+                source,
+            })?;
+        self.store.delete_vm(name).map_err(ServiceError::Delete)?;
+        self.lock_vms().remove(name);
+        info!(vm = name, "vm left by migration");
+        Ok(())
     }
 
     /// The migration table, for an engine that needs records of other

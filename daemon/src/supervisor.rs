@@ -10,11 +10,12 @@
 //! Everything here blocks; the service calls it from blocking threads.
 
 use std::io::{self, BufRead, BufReader, Read};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
 use tracing::{info, warn};
@@ -122,74 +123,56 @@ impl VmmSupervisor {
         &self.binary
     }
 
-    fn connect(&self, paths: &VmPaths) -> Result<ControlClient, ProbeError> {
-        let client = ControlClient::connect(&paths.control_socket).map_err(|e| match e {
-            CallError::Connect { path, .. } => ProbeError::Gone { path },
-            other => ProbeError::Call(other),
+    /// Starts `migrate-vmm restore --wait-state` on `memfd` for an incoming
+    /// migration and returns its pid once it serves its control socket.
+    /// The guest stays paused until it gets its state and a Resume.
+    pub fn spawn_restore(
+        &self,
+        name: &str,
+        paths: &VmPaths,
+        memfd: BorrowedFd<'_>,
+    ) -> Result<u32, LaunchError> {
+        let log = open_log(paths)?;
+        // Spawns are serialized (see SPAWN_LOCK) from here until the child
+        // exists, so no other child inherits this memfd.
+        let serial = SPAWN_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        // dup() gives a descriptor without FD_CLOEXEC: the child inherits it
+        // under the same number; ours is closed right after the spawn.
+        let inheritable = nix::unistd::dup(memfd).map_err(|e| LaunchError::Spawn {
+            binary: self.binary.clone(),
+            source: e.into(),
         })?;
-        // A wedged VMM must not wedge the daemon's blocking pool.
-        client
-            .set_timeout(Some(self.call_timeout))
-            .map_err(ProbeError::Call)?;
-        Ok(client)
-    }
-}
-
-fn resolve_binary(binary: &Path) -> PathBuf {
-    if binary.components().count() == 1 {
-        if let Some(dir) = std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().map(Path::to_owned))
-        {
-            let candidate = dir.join(binary);
-            if candidate.is_file() {
-                return candidate;
-            }
-        }
-    }
-    binary.to_owned()
-}
-
-impl VmBackend for VmmSupervisor {
-    fn launch(&self, spec: &VmSpec, paths: &VmPaths) -> Result<u32, LaunchError> {
-        let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(LaunchError::MemInfo)?;
-        check_host_memory(spec.memory, &meminfo)?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&paths.vmm_log)
-            .map_err(|source| LaunchError::Log {
-                path: paths.vmm_log.clone(),
-                source,
-            })?;
-        let w = &spec.workload;
         let mut cmd = Command::new(&self.binary);
-        cmd.arg("run")
+        cmd.arg("restore")
             .arg("--name")
-            .arg(&spec.name)
+            .arg(name)
             .arg("--control-socket")
             .arg(&paths.control_socket)
             .arg("--serial-log")
             .arg(&paths.serial_log)
-            .arg("--memory")
-            .arg(spec.memory.bytes().to_string())
-            .arg("--vcpus")
-            .arg(spec.vcpus.to_string())
-            .arg("--wss")
-            .arg(w.wss.bytes().to_string())
-            .arg("--dirty-rate")
-            .arg(w.dirty_rate.to_string())
-            .arg("--mode")
-            .arg(w.mode.as_str())
-            .arg("--seed")
-            .arg(w.seed.to_string())
+            .arg("--memfd-fd")
+            .arg(inheritable.as_raw_fd().to_string())
+            .arg("--wait-state")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
-            // Own process group: a Ctrl-C or SIGTERM aimed at the daemon's
-            // group never reaches the guests.
             .process_group(0);
-        let mut child = cmd.spawn().map_err(|source| LaunchError::Spawn {
+        self.spawn_ready(cmd, name, paths, (serial, inheritable))
+    }
+
+    /// Spawns `cmd` (stdout piped) and waits for the VMM's READY line.
+    /// `held` (the spawn lock, an inheritable fd) is released as soon as
+    /// the child exists, not after the wait.
+    fn spawn_ready(
+        &self,
+        mut cmd: Command,
+        name: &str,
+        paths: &VmPaths,
+        held: impl Sized,
+    ) -> Result<u32, LaunchError> {
+        let spawned = cmd.spawn();
+        drop(held);
+        let mut child = spawned.map_err(|source| LaunchError::Spawn {
             binary: self.binary.clone(),
             source,
         })?;
@@ -235,15 +218,79 @@ impl VmBackend for VmmSupervisor {
         }
         // Reap the VMM when it exits, so it does not linger as a zombie
         // while this daemon lives. After a daemon restart init reaps it.
-        let name = spec.name.clone();
+        let vm = name.to_owned();
         let _ = std::thread::Builder::new()
             .name(format!("vmm-reap-{pid}"))
             .spawn(move || match child.wait() {
-                Ok(status) => info!(vm = %name, pid, %status, "vmm exited"),
-                Err(e) => warn!(vm = %name, pid, error = %e, "cannot wait for vmm"),
+                Ok(status) => info!(%vm, pid, %status, "vmm exited"),
+                Err(e) => warn!(%vm, pid, error = %e, "cannot wait for vmm"),
             });
-        info!(vm = %spec.name, pid, "vmm ready");
+        info!(vm = %name, pid, "vmm ready");
         Ok(pid)
+    }
+
+    fn connect(&self, paths: &VmPaths) -> Result<ControlClient, ProbeError> {
+        let client = ControlClient::connect(&paths.control_socket).map_err(|e| match e {
+            CallError::Connect { path, .. } => ProbeError::Gone { path },
+            other => ProbeError::Call(other),
+        })?;
+        // A wedged VMM must not wedge the daemon's blocking pool.
+        client
+            .set_timeout(Some(self.call_timeout))
+            .map_err(ProbeError::Call)?;
+        Ok(client)
+    }
+}
+
+fn resolve_binary(binary: &Path) -> PathBuf {
+    if binary.components().count() == 1 {
+        if let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_owned))
+        {
+            let candidate = dir.join(binary);
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    binary.to_owned()
+}
+
+impl VmBackend for VmmSupervisor {
+    fn launch(&self, spec: &VmSpec, paths: &VmPaths) -> Result<u32, LaunchError> {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(LaunchError::MemInfo)?;
+        check_host_memory(spec.memory, &meminfo)?;
+        let log = open_log(paths)?;
+        let w = &spec.workload;
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("run")
+            .arg("--name")
+            .arg(&spec.name)
+            .arg("--control-socket")
+            .arg(&paths.control_socket)
+            .arg("--serial-log")
+            .arg(&paths.serial_log)
+            .arg("--memory")
+            .arg(spec.memory.bytes().to_string())
+            .arg("--vcpus")
+            .arg(spec.vcpus.to_string())
+            .arg("--wss")
+            .arg(w.wss.bytes().to_string())
+            .arg("--dirty-rate")
+            .arg(w.dirty_rate.to_string())
+            .arg("--mode")
+            .arg(w.mode.as_str())
+            .arg("--seed")
+            .arg(w.seed.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            // Own process group: a Ctrl-C or SIGTERM aimed at the daemon's
+            // group never reaches the guests.
+            .process_group(0);
+        let serial = SPAWN_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        self.spawn_ready(cmd, &spec.name, paths, serial)
     }
 
     fn probe(&self, paths: &VmPaths) -> Result<Probe, ProbeError> {
@@ -318,6 +365,22 @@ impl VmBackend for VmmSupervisor {
             }
         }
     }
+}
+
+/// Held while a VMM process is being spawned: `spawn_restore` makes the
+/// guest's memfd inheritable for that moment, and any other child spawned
+/// then would inherit it too (keeping the guest's RAM alive).
+static SPAWN_LOCK: Mutex<()> = Mutex::new(());
+
+fn open_log(paths: &VmPaths) -> Result<std::fs::File, LaunchError> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&paths.vmm_log)
+        .map_err(|source| LaunchError::Log {
+            path: paths.vmm_log.clone(),
+            source,
+        })
 }
 
 /// Last few lines of a VMM log, for error messages.

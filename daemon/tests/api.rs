@@ -79,6 +79,7 @@ fn migrate(vm: &str, to: &str) -> MigrationRequest {
     MigrationRequest {
         vm: vm.into(),
         target_host: to.into(),
+        verify: false,
     }
 }
 

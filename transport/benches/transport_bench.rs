@@ -46,6 +46,11 @@ struct Args {
     /// Pages per batch frame.
     #[arg(long, default_value_t = 128)]
     batch_pages: usize,
+    /// Only the raw-quinn vs page-protocol comparison rows (1 and 4
+    /// streams, random pages, no zstd) and no post-copy timing: quicker, and
+    /// a profile of it shows only the bulk path.
+    #[arg(long)]
+    compare_only: bool,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -450,12 +455,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .await?,
         );
     }
-    for (content, zstd) in [
-        (Content::Random, true),
-        (Content::Compressible, false),
-        (Content::Compressible, true),
-        (Content::Zero, false),
-    ] {
+    let others: &[(Content, bool)] = if args.compare_only {
+        &[]
+    } else {
+        &[
+            (Content::Random, true),
+            (Content::Compressible, false),
+            (Content::Compressible, true),
+            (Content::Zero, false),
+        ]
+    };
+    for &(content, zstd) in others {
         rows.push(pages(&mut pair, 4, size, content, zstd, args.batch_pages).await?);
     }
     let stats = pair.src.stats();
@@ -495,6 +505,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 100.0 * page.gib_s() / raw.gib_s()
             );
         }
+    }
+    if args.compare_only {
+        return Ok(());
     }
     let (p50, p99, max) = rtt(&mut pair, args.requests).await?;
     println!(

@@ -72,7 +72,7 @@ fn arb_batch() -> impl Strategy<Value = PageBatch> {
             },
             s => s,
         };
-        let data = pages(set.len(), seed, c);
+        let data = pages(set.len(), seed, c).into();
         PageBatch { pass, set, data }
     })
 }
@@ -138,7 +138,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             Frame::PageReply {
                 id,
                 index: PageIndex(u64::from(i)),
-                data: pages(n, seed, false),
+                data: pages(n, seed, false).into(),
             }
         }),
         any::<bool>().prop_map(|postcopy| Frame::Switchover { postcopy }),
@@ -244,7 +244,7 @@ proptest! {
             ..batch
         };
         let moved = Frame::PageBatch(PageBatch {
-            data: pages(moved.set.len(), 1, true),
+            data: pages(moved.set.len(), 1, true).into(),
             ..moved
         });
         prop_assert!(moved.check_layout(&layout).is_err());

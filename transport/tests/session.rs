@@ -410,7 +410,7 @@ fn out_of_range_batch_aborts_with_out_of_range() {
             first: PageIndex(60),
             count: 5,
         },
-        data: vec![1; 5 * PAGE_SIZE],
+        data: vec![1; 5 * PAGE_SIZE].into(),
     });
     let err = dest
         .feed(&frame.to_bytes().unwrap(), &mut sink)
@@ -723,7 +723,7 @@ fn write_fuzz_corpus() {
         Frame::PageReply {
             id: 1,
             index: PageIndex(3),
-            data: vec![9; PAGE_SIZE],
+            data: vec![9; PAGE_SIZE].into(),
         },
         Frame::PageBatch(PageBatch {
             pass: 1,
@@ -731,7 +731,7 @@ fn write_fuzz_corpus() {
                 first: PageIndex(2),
                 offsets: vec![0, 3],
             },
-            data: vec![1; 2 * PAGE_SIZE],
+            data: vec![1; 2 * PAGE_SIZE].into(),
         }),
         Frame::Abort {
             code: ReasonCode::BadCrc,

@@ -1,8 +1,17 @@
 //! Frame decoding from untrusted bytes: every length is checked against a
 //! cap before anything is allocated, and no input makes it panic.
+//!
+//! Page data is the bulk of what a destination receives, so the receive
+//! path avoids copying it: [`FrameBuffer`] reassembles each frame in one
+//! buffer sized from its (capped) header, and a decoded raw batch or reply
+//! keeps a [`Bytes`] view into that buffer. The only copies left are QUIC's
+//! chunk into the frame buffer and the sink's write into guest memory.
 
 use std::cell::RefCell;
 
+use bytes::Bytes;
+
+use super::pool::{BufferPool, POOLED_CAPACITY};
 use super::{
     AckWhat, Capabilities, Frame, FrameHeader, FrameType, Hello, HelloAck, PageBatch, PageSet,
     PassEnd, ReasonCode, HEADER_LEN, MAX_BATCH_PAGES, MAX_MESSAGE_LEN, MAX_NAME_LEN,
@@ -108,6 +117,9 @@ pub fn peek_header(buf: &[u8]) -> Result<Option<FrameHeader>, DecodeError> {
 /// the bytes it used. `Err`: the bytes are not a valid frame; the stream
 /// cannot be resynchronised and the migration should abort with
 /// [`DecodeError::reason`].
+///
+/// Page data of the decoded frame is copied out of `buf`; a driver that owns
+/// its bytes uses [`FrameBuffer`], which avoids that copy.
 pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, DecodeError> {
     let Some(h) = peek_header(buf)? else {
         return Ok(None);
@@ -115,6 +127,12 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, DecodeError> {
     let Some(body) = buf.get(HEADER_LEN..h.frame_len()) else {
         return Ok(None);
     };
+    check_crc(&h, body)?;
+    let frame = decode_body(h.frame_type, body, None)?;
+    Ok(Some((frame, h.frame_len())))
+}
+
+fn check_crc(h: &FrameHeader, body: &[u8]) -> Result<(), DecodeError> {
     let actual = crc32fast::hash(body);
     if actual != h.crc {
         return Err(DecodeError::BadCrc {
@@ -122,17 +140,32 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, DecodeError> {
             actual,
         });
     }
-    let frame = decode_body(h.frame_type, body)?;
-    Ok(Some((frame, h.frame_len())))
+    Ok(())
 }
 
 /// Cursor over a body; running out of bytes is `BodyTooShort`.
 struct Reader<'a> {
     buf: &'a [u8],
     ty: FrameType,
+    /// The buffer `buf` lies in, when the caller owns it as [`Bytes`]: page
+    /// data is then handed out as views into it instead of copies.
+    owner: Option<&'a Bytes>,
 }
 
 impl<'a> Reader<'a> {
+    /// The next `n` bytes as [`Bytes`], shared with the owner if there is
+    /// one.
+    fn take_bytes(&mut self, n: usize) -> Result<Bytes, DecodeError> {
+        let owner = self.owner;
+        let part = self.take(n)?;
+        Ok(match owner {
+            // `part` was cut from `buf`, which lies inside `owner`, so
+            // slice_ref's containment check holds.
+            Some(owner) => owner.slice_ref(part),
+            None => Bytes::copy_from_slice(part),
+        })
+    }
+
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if self.buf.len() < n {
             return Err(DecodeError::BodyTooShort { ty: self.ty });
@@ -194,8 +227,12 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn decode_body(ty: FrameType, body: &[u8]) -> Result<Frame, DecodeError> {
-    let mut r = Reader { buf: body, ty };
+fn decode_body(ty: FrameType, body: &[u8], owner: Option<&Bytes>) -> Result<Frame, DecodeError> {
+    let mut r = Reader {
+        buf: body,
+        ty,
+        owner,
+    };
     let frame = match ty {
         FrameType::Hello => Frame::Hello(decode_hello(&mut r)?),
         FrameType::HelloAck => Frame::HelloAck(HelloAck {
@@ -266,7 +303,7 @@ fn decode_body(ty: FrameType, body: &[u8]) -> Result<Frame, DecodeError> {
             Frame::PageReply {
                 id,
                 index: PageIndex(index),
-                data: r.take(count * PAGE_SIZE)?.to_vec(),
+                data: r.take_bytes(count * PAGE_SIZE)?,
             }
         }
         FrameType::Switchover => match r.u8()? {
@@ -348,9 +385,9 @@ fn decode_batch(r: &mut Reader<'_>, compressed: bool) -> Result<PageBatch, Decod
                 raw: raw_len,
             });
         }
-        decompress(r.take(zlen)?, raw_len)?
+        Bytes::from(decompress(r.take(zlen)?, raw_len)?)
     } else {
-        r.take(raw_len)?.to_vec()
+        r.take_bytes(raw_len)?
     };
     let set = match kind {
         0 => PageSet::Run {
@@ -411,43 +448,239 @@ fn decompress(src: &[u8], raw_len: usize) -> Result<Vec<u8>, DecodeError> {
 }
 
 /// Reassembles frames from a byte stream that arrives in arbitrary pieces
-/// (one per QUIC stream).
-#[derive(Debug, Default)]
+/// (one per QUIC stream), copying page data as little as possible:
+///
+/// * a frame that lies whole inside a pushed chunk is decoded from the
+///   chunk itself: its page data is a view into the chunk (QUIC hands out
+///   large chunks when the reader lags behind);
+/// * a frame split across chunks is assembled in a buffer that gets room
+///   for the whole frame (at most its type's cap) once the header is in, and
+///   only that frame's bytes are copied into it. A raw page batch or page
+///   reply then leaves with that buffer, which returns to this stream's pool
+///   when the sink drops the page data.
+///
+/// No byte is copied twice and nothing is moved around inside a buffer.
+#[derive(Debug)]
 pub struct FrameBuffer {
-    buf: Vec<u8>,
-    /// Bytes of `buf` already consumed by decoded frames.
-    start: usize,
+    /// The beginning of a frame that is not complete yet; never holds bytes
+    /// beyond that frame.
+    partial: Vec<u8>,
+    /// What is left of the last chunk pushed.
+    chunk: Bytes,
+    pool: BufferPool,
 }
+
+impl Default for FrameBuffer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Spare frame buffers kept per stream: enough for the frames queued
+/// between a reader and the sink.
+const POOL_KEEP: usize = 32;
 
 impl FrameBuffer {
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            partial: Vec::new(),
+            chunk: Bytes::new(),
+            pool: BufferPool::new(POOL_KEEP),
+        }
     }
 
-    /// Appends bytes read from the stream.
+    /// Appends bytes read from the stream (copying them).
     pub fn push(&mut self, bytes: &[u8]) {
-        // Drop consumed bytes before growing, so the buffer stays about one
-        // frame long.
-        if self.start > 0 && (self.start == self.buf.len() || self.start >= self.buf.len() / 2) {
-            self.buf.drain(..self.start);
-            self.start = 0;
-        }
-        self.buf.extend_from_slice(bytes);
+        self.push_chunk(Bytes::copy_from_slice(bytes));
     }
 
-    /// The next complete frame, if one is buffered.
-    pub fn next_frame(&mut self) -> Result<Option<Frame>, DecodeError> {
-        match decode(&self.buf[self.start..])? {
-            Some((frame, used)) => {
-                self.start += used;
-                Ok(Some(frame))
-            }
-            None => Ok(None),
+    /// Appends a chunk read from the stream without copying it. Take every
+    /// frame with [`next_frame`](Self::next_frame) before pushing the next
+    /// chunk; otherwise what is left of the previous one is copied.
+    pub fn push_chunk(&mut self, chunk: Bytes) {
+        if self.chunk.is_empty() {
+            self.chunk = chunk;
+        } else {
+            let mut joined = Vec::with_capacity(self.chunk.len() + chunk.len());
+            joined.extend_from_slice(&self.chunk);
+            joined.extend_from_slice(&chunk);
+            self.chunk = joined.into();
         }
+    }
+
+    /// The next complete frame, if one is buffered. An error is final: the
+    /// stream cannot be resynchronised, and what the buffer holds after it
+    /// is unspecified.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, DecodeError> {
+        if self.partial.is_empty() {
+            let Some(h) = peek_header(&self.chunk)? else {
+                self.stash(HEADER_LEN);
+                return Ok(None);
+            };
+            let len = h.frame_len();
+            if self.chunk.len() >= len {
+                let frame = self.chunk.split_to(len);
+                let body = &frame[HEADER_LEN..];
+                check_crc(&h, body)?;
+                return decode_body(h.frame_type, body, Some(&frame)).map(Some);
+            }
+            // `len` passed the type's cap in peek_header, so this is bounded.
+            self.stash(len);
+            return Ok(None);
+        }
+        if self.partial.len() < HEADER_LEN {
+            self.fill(HEADER_LEN);
+        }
+        let Some(h) = peek_header(&self.partial)? else {
+            return Ok(None);
+        };
+        let len = h.frame_len();
+        if self.partial.capacity() < len {
+            let mut room = self.pool.take(len);
+            room.extend_from_slice(&self.partial);
+            self.partial = room;
+        }
+        self.fill(len);
+        if self.partial.len() < len {
+            return Ok(None);
+        }
+        check_crc(&h, &self.partial[HEADER_LEN..])?;
+        if h.frame_type == FrameType::PageBatch || h.frame_type == FrameType::PageReply {
+            // The page data stays where it is; the buffer goes with it.
+            let frame = self.pool.bytes(std::mem::take(&mut self.partial));
+            decode_body(h.frame_type, &frame[HEADER_LEN..], Some(&frame)).map(Some)
+        } else {
+            let frame = decode_body(h.frame_type, &self.partial[HEADER_LEN..], None);
+            if self.partial.capacity() > POOLED_CAPACITY {
+                // A state blob's buffer (up to 64 MiB) is not kept around.
+                self.partial = Vec::new();
+            } else {
+                self.partial.clear();
+            }
+            frame.map(Some)
+        }
+    }
+
+    /// Starts assembling a frame of `len` bytes (or a header, when the
+    /// length is not known yet) from what is left of the chunk.
+    fn stash(&mut self, len: usize) {
+        if self.chunk.is_empty() {
+            return;
+        }
+        if self.partial.capacity() < len {
+            self.partial = self.pool.take(len);
+        }
+        self.fill(len);
+    }
+
+    /// Moves bytes from the chunk to the partial frame until it is `len`
+    /// bytes long or the chunk is used up.
+    fn fill(&mut self, len: usize) {
+        let n = len.saturating_sub(self.partial.len()).min(self.chunk.len());
+        self.partial.extend_from_slice(&self.chunk[..n]);
+        bytes::Buf::advance(&mut self.chunk, n);
     }
 
     /// Bytes buffered but not yet decoded.
     pub fn pending(&self) -> usize {
-        self.buf.len() - self.start
+        self.partial.len() + self.chunk.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::PageSet;
+
+    fn batch_frame(pages: usize, fill: u8) -> Vec<u8> {
+        Frame::PageBatch(PageBatch {
+            pass: 3,
+            set: PageSet::Run {
+                first: PageIndex(5),
+                count: pages as u32,
+            },
+            data: vec![fill; pages * PAGE_SIZE].into(),
+        })
+        .to_bytes()
+        .unwrap()
+    }
+
+    #[test]
+    fn frame_split_across_chunks_is_assembled_once() {
+        let mut wire = batch_frame(4, 0xAB);
+        let second = batch_frame(1, 0xCD);
+        wire.extend_from_slice(&second);
+        let mut fb = FrameBuffer::new();
+        fb.push(&wire[..5]);
+        assert!(fb.next_frame().unwrap().is_none());
+        fb.push(&wire[5..HEADER_LEN + 1]);
+        assert!(fb.next_frame().unwrap().is_none());
+        // Room for the whole first frame was made once the header was in.
+        let base = fb.partial.as_ptr();
+        assert!(fb.partial.capacity() >= HEADER_LEN + 16 + 4 * PAGE_SIZE);
+        let mut frames = Vec::new();
+        for piece in wire[HEADER_LEN + 1..].chunks(1000) {
+            fb.push(piece);
+            while let Some(f) = fb.next_frame().unwrap() {
+                frames.push(f);
+            }
+        }
+        assert_eq!(fb.pending(), 0);
+        let [Frame::PageBatch(b), Frame::PageBatch(c)] = &frames[..] else {
+            panic!("expected two page batches, got {frames:?}");
+        };
+        assert!(b.data.iter().all(|&x| x == 0xAB));
+        assert_eq!(b.data.len(), 4 * PAGE_SIZE);
+        assert_eq!(
+            b.data.as_ptr(),
+            base.wrapping_add(HEADER_LEN + 16),
+            "page data is a view into the buffer the frame was assembled in"
+        );
+        assert!(c.data.iter().all(|&x| x == 0xCD));
+        assert_eq!(c.data.len(), PAGE_SIZE);
+    }
+
+    #[test]
+    fn frames_inside_one_chunk_are_not_copied() {
+        let mut wire = batch_frame(2, 0x11);
+        wire.extend_from_slice(&batch_frame(1, 0x22));
+        let tail = batch_frame(1, 0x33);
+        wire.extend_from_slice(&tail[..100]);
+        let chunk = Bytes::from(wire);
+        let base = chunk.as_ptr();
+        let mut fb = FrameBuffer::new();
+        fb.push_chunk(chunk);
+        let Some(Frame::PageBatch(a)) = fb.next_frame().unwrap() else {
+            panic!("expected a page batch");
+        };
+        assert_eq!(a.data.as_ptr(), base.wrapping_add(HEADER_LEN + 16));
+        let Some(Frame::PageBatch(b)) = fb.next_frame().unwrap() else {
+            panic!("expected a page batch");
+        };
+        let second_at = HEADER_LEN + 16 + 2 * PAGE_SIZE;
+        assert_eq!(
+            b.data.as_ptr(),
+            base.wrapping_add(second_at + HEADER_LEN + 16)
+        );
+        assert!(b.data.iter().all(|&x| x == 0x22));
+        // The cut-off third frame waits for the rest.
+        assert!(fb.next_frame().unwrap().is_none());
+        assert_eq!(fb.pending(), 100);
+        fb.push(&tail[100..]);
+        let Some(Frame::PageBatch(c)) = fb.next_frame().unwrap() else {
+            panic!("expected the third batch");
+        };
+        assert!(c.data.iter().all(|&x| x == 0x33));
+        assert_eq!(fb.pending(), 0);
+    }
+
+    #[test]
+    fn frame_buffer_reports_bad_crc_before_decoding() {
+        let mut wire = batch_frame(1, 1);
+        let last = wire.len() - 1;
+        wire[last] ^= 1;
+        let mut fb = FrameBuffer::new();
+        fb.push(&wire);
+        assert!(matches!(fb.next_frame(), Err(DecodeError::BadCrc { .. })));
     }
 }

@@ -18,9 +18,12 @@
 
 mod decode;
 pub(crate) mod encode;
+pub(crate) mod pool;
 
 pub use decode::{decode, peek_header, DecodeError, FrameBuffer};
 pub use encode::{EncodeError, Encoder};
+
+use bytes::Bytes;
 
 use crate::layout::{MemoryLayout, OutOfRange, PageIndex, PAGE_SIZE};
 
@@ -311,11 +314,14 @@ impl PageSet {
 }
 
 /// Page data for the pages of `set`, in order, `set.len() * 4096` bytes.
+///
+/// `data` is [`Bytes`] so that a decoded raw batch can point into the
+/// buffer its frame was reassembled in instead of being copied out of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PageBatch {
     pub pass: u32,
     pub set: PageSet,
-    pub data: Vec<u8>,
+    pub data: Bytes,
 }
 
 /// What an `Ack` acknowledges.
@@ -361,7 +367,7 @@ pub enum Frame {
     PageReply {
         id: u64,
         index: PageIndex,
-        data: Vec<u8>,
+        data: Bytes,
     },
     /// The source is paused and sent everything (pre-copy), or hands the
     /// guest over with pages still missing (post-copy).

@@ -50,7 +50,7 @@ async fn read_frames(mut stream: RecvStream, role: StreamRole, out: mpsc::Sender
             }
         }
         match stream.read_chunk(usize::MAX, true).await {
-            Ok(Some(chunk)) => buf.push(&chunk.bytes),
+            Ok(Some(chunk)) => buf.push_chunk(chunk.bytes),
             Ok(None) => {
                 if buf.pending() > 0 {
                     let _ = out

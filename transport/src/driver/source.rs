@@ -8,6 +8,7 @@ use tracing::debug;
 
 use super::reader::{spawn_readers, Inbound};
 use super::{DriverError, StreamRole};
+use crate::codec::pool::BufferPool;
 use crate::codec::{HelloAck, ReasonCode};
 use crate::endpoint::SourceStreams;
 use crate::layout::PageRange;
@@ -17,6 +18,11 @@ use crate::session::{PageSource, PassStats, SourceError, SourceEvent, SourceSess
 /// Room reserved for one page frame (a full raw batch plus headers), so
 /// encoding never reallocates.
 const FRAME_CAPACITY: usize = crate::codec::HEADER_LEN + crate::codec::MAX_BATCH_BODY;
+
+/// Spare frame buffers kept: about what QUIC holds unacknowledged on one
+/// stream (its 16 MiB receive window is 32 full frames), so that in steady
+/// state frames reuse memory instead of faulting fresh pages in.
+const POOL_KEEP: usize = 32;
 
 /// Moves a [`SourceSession`]'s frames over the streams of one migration.
 ///
@@ -37,6 +43,8 @@ pub struct SourceDriver {
     inbound: mpsc::Receiver<Inbound>,
     _readers: JoinSet<()>,
     out: Vec<u8>,
+    /// Page frame buffers, back from quinn once it no longer needs them.
+    pool: BufferPool,
     /// Post-copy requests answered so far.
     served: u64,
 }
@@ -59,6 +67,7 @@ impl SourceDriver {
             inbound,
             _readers: readers,
             out: Vec::new(),
+            pool: BufferPool::new(POOL_KEEP),
             served: 0,
         }
     }
@@ -101,7 +110,7 @@ impl SourceDriver {
                     Some(other) => return Err(self.unexpected(session, "send_pass", other).await),
                 }
             }
-            let mut frame = Vec::with_capacity(FRAME_CAPACITY);
+            let mut frame = self.pool.take(FRAME_CAPACITY);
             let r = session.next_frame(src, &mut frame);
             if self.check(r).await?.is_none() {
                 break;
@@ -110,7 +119,7 @@ impl SourceDriver {
             let index = self.next_bulk;
             self.next_bulk = (index + 1) % self.bulk.len();
             self.bulk[index]
-                .write_chunk(Bytes::from(frame))
+                .write_chunk(self.pool.bytes(frame))
                 .await
                 .map_err(|e| DriverError::Transport {
                     stream: StreamRole::Bulk(index as u16),

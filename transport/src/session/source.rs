@@ -659,7 +659,12 @@ impl SourceSession {
             src.read_page(PageIndex(idx), page)
                 .map_err(|source| SourceError::ReadPage { index: idx, source })?;
         }
-        Frame::PageReply { id, index, data }.encode(out)?;
+        Frame::PageReply {
+            id,
+            index,
+            data: data.into(),
+        }
+        .encode(out)?;
         Ok(())
     }
 }

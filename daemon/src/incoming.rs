@@ -1,0 +1,291 @@
+//! Destination side: accepts peers on the daemon's endpoint and receives
+//! their migrations.
+//!
+//! On `Hello` the VM name is reserved (refused with `vm_exists` if taken),
+//! host memory is checked (`not_enough_memory`), a memfd of the guest's
+//! layout is created and `migrate-vmm restore --wait-state` is started on
+//! it at once, so its start-up is not part of the downtime. Pages go
+//! straight into the memfd mapping. On `Switchover` the state is restored
+//! into that VMM, the VM is persisted here, the guest is resumed and `Done`
+//! is sent. Any failure before the resume kills the VMM and drops the
+//! memfd and the reservation: nothing is left behind.
+
+use std::sync::Arc;
+
+use guestmem::GuestMemory;
+use tracing::{info, info_span, warn, Instrument};
+use transport::codec::{Hello, ReasonCode};
+use transport::driver::{DestEvent, DestinationDriver};
+use transport::endpoint::{DestinationStreams, Endpoint, PeerConnection};
+use transport::session::{DestOptions, DestinationSession, PageSink};
+use vmm::control::ControlClient;
+
+use crate::guestio::{to_guest_layout, GuestPages, StateEnvelope};
+use crate::model::Quantity;
+use crate::outgoing::DIGEST_MISMATCH;
+use crate::service::Service;
+use crate::store::VmPaths;
+use crate::supervisor::{check_host_memory, LaunchError, VmBackend, VmmSupervisor};
+
+/// Accepts peers until the endpoint closes; each peer's migrations run in
+/// their own tasks.
+pub async fn accept_loop(endpoint: Endpoint, service: Arc<Service>, vmm: VmmSupervisor) {
+    while let Some(accepted) = endpoint.accept().await {
+        let Ok(conn) = accepted else {
+            continue; // already logged by the endpoint
+        };
+        let (service, vmm) = (service.clone(), vmm.clone());
+        tokio::spawn(async move { serve_peer(conn, service, vmm).await });
+    }
+}
+
+async fn serve_peer(conn: PeerConnection, service: Arc<Service>, vmm: VmmSupervisor) {
+    loop {
+        match conn.accept_migration().await {
+            Ok(streams) => {
+                let (service, vmm) = (service.clone(), vmm.clone());
+                let peer = conn.peer().to_string();
+                tokio::spawn(async move {
+                    let span = info_span!("migration", role = "target", %peer);
+                    receive(streams, service, vmm).instrument(span).await
+                });
+            }
+            Err(e) => {
+                info!(peer = %conn.peer(), reason = %e, "peer connection closed");
+                return;
+            }
+        }
+    }
+}
+
+/// Guest RAM before the hello is accepted: there is none, and the session
+/// never writes pages before it accepted.
+struct Incoming(Option<GuestPages>);
+
+impl PageSink for Incoming {
+    fn write_page(
+        &mut self,
+        index: transport::layout::PageIndex,
+        data: &[u8; transport::layout::PAGE_SIZE],
+    ) -> std::io::Result<()> {
+        self.get()?.write_page(index, data)
+    }
+    fn write_zero(
+        &mut self,
+        start: transport::layout::PageIndex,
+        count: u64,
+    ) -> std::io::Result<()> {
+        self.get()?.write_zero(start, count)
+    }
+    fn write_pages(
+        &mut self,
+        first: transport::layout::PageIndex,
+        data: &[u8],
+    ) -> std::io::Result<()> {
+        self.get()?.write_pages(first, data)
+    }
+}
+
+impl Incoming {
+    fn get(&mut self) -> std::io::Result<&mut GuestPages> {
+        self.0
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("no guest memory yet"))
+    }
+}
+
+/// The guest being received, for clean-up.
+struct Prepared {
+    name: String,
+    paths: VmPaths,
+    pid: u32,
+    mem: Arc<GuestMemory>,
+}
+
+async fn receive(streams: DestinationStreams, service: Arc<Service>, vmm: VmmSupervisor) {
+    let mut session = DestinationSession::new(DestOptions::default());
+    let mut driver = DestinationDriver::new(streams);
+    let mut sink = Incoming(None);
+    let mut prepared: Option<Prepared> = None;
+    let mut state: Option<Vec<u8>> = None;
+    let result: Result<(), String> = async {
+        loop {
+            let event = driver
+                .next_event(&mut session, &mut sink)
+                .await
+                .map_err(|e| crate::error_chain(&e))?;
+            match event {
+                DestEvent::Hello(hello) => {
+                    let svc = service.clone();
+                    let sup = vmm.clone();
+                    let prep = tokio::task::spawn_blocking(move || prepare(&hello, &svc, &sup))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    match prep {
+                        Ok(p) => {
+                            sink.0 = Some(GuestPages(p.mem.clone()));
+                            info!(vm = %p.name, pid = p.pid, "accepted incoming migration");
+                            prepared = Some(p);
+                            let ack = session.accept().map_err(|e| crate::error_chain(&e))?;
+                            driver
+                                .send_control(&ack)
+                                .await
+                                .map_err(|e| crate::error_chain(&e))?;
+                        }
+                        Err((code, message)) => {
+                            warn!(%code, %message, "refusing incoming migration");
+                            let refuse = session.refuse(code, &message);
+                            let _ = driver.send_control(&refuse).await;
+                            // Keep the streams until the source has read it.
+                            let _ = driver.next_event(&mut session, &mut sink).await;
+                            return Ok(());
+                        }
+                    }
+                }
+                DestEvent::PassComplete(end) => {
+                    tracing::debug!(pass = end.pass, pages = end.pages_sent, "pass received");
+                }
+                DestEvent::State(blob) => state = Some(blob),
+                DestEvent::SwitchedOver { postcopy: false } => {
+                    let p = prepared.as_ref().ok_or("switchover before hello")?;
+                    let blob = state.take().ok_or("switchover without state")?;
+                    let svc = service.clone();
+                    let (name, paths, pid, mem) =
+                        (p.name.clone(), p.paths.clone(), p.pid, p.mem.clone());
+                    let finished = tokio::task::spawn_blocking(move || {
+                        finish(&blob, &name, &paths, pid, &mem, &svc)
+                    })
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    if let Err(message) = finished {
+                        let abort = session.refuse(ReasonCode::Internal, &message);
+                        let _ = driver.send_control(&abort).await;
+                        return Err(message);
+                    }
+                    // From here on the guest runs here: no clean-up.
+                    prepared = None;
+                    let done = session.resumed().map_err(|e| crate::error_chain(&e))?;
+                    if let Err(e) = driver.send_control(&done).await {
+                        warn!(error = %crate::error_chain(&e), "guest runs here but Done was not delivered");
+                    }
+                    info!("incoming migration complete; guest running");
+                    return Ok(());
+                }
+                other => return Err(format!("unexpected {other:?}")),
+            }
+        }
+    }
+    .await;
+    if let Err(e) = &result {
+        warn!(error = %e, "incoming migration failed");
+    }
+    if let Some(p) = prepared {
+        // Before the resume: the guest still runs on the source.
+        let svc = service.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = vmm.shutdown(&p.paths) {
+                warn!(vm = %p.name, error = %crate::error_chain(&e), "cannot stop the pre-started vmm");
+            }
+            svc.cancel_incoming(&p.name);
+        })
+        .await;
+    }
+}
+
+/// Checks, reserves and pre-starts everything for `hello`; the error is
+/// what to refuse with.
+fn prepare(
+    hello: &Hello,
+    service: &Service,
+    vmm: &VmmSupervisor,
+) -> Result<Prepared, (ReasonCode, String)> {
+    let name = hello.vm_name.clone();
+    let bytes = hello.layout.total_bytes();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(|e| {
+        (
+            ReasonCode::Internal,
+            format!("cannot read /proc/meminfo: {e}"),
+        )
+    })?;
+    if let Err(e) = check_host_memory(Quantity(bytes), &meminfo) {
+        let code = match e {
+            LaunchError::InsufficientMemory { .. } => ReasonCode::NotEnoughMemory,
+            _ => ReasonCode::Internal,
+        };
+        return Err((code, e.to_string()));
+    }
+    service
+        .reserve_incoming(&name, Quantity(bytes))
+        .map_err(|e| match e {
+            crate::service::ServiceError::VmExists { .. } => (
+                ReasonCode::VmExists,
+                format!("vm {name} already exists on the target"),
+            ),
+            e => (ReasonCode::Refused, crate::error_chain(&e)),
+        })?;
+    let undo = |message: String| {
+        service.cancel_incoming(&name);
+        (ReasonCode::Internal, message)
+    };
+    let layout = to_guest_layout(&hello.layout).map_err(|e| undo(crate::error_chain(&e)))?;
+    let mem = GuestMemory::create(&name, layout).map_err(|e| undo(crate::error_chain(&e)))?;
+    let paths = service.store().vm_paths(&name);
+    std::fs::create_dir_all(&paths.dir)
+        .map_err(|e| undo(format!("cannot create {}: {e}", paths.dir.display())))?;
+    let pid = vmm
+        .spawn_restore(&name, &paths, mem.fd())
+        .map_err(|e| undo(crate::error_chain(&e)))?;
+    Ok(Prepared {
+        name,
+        paths,
+        pid,
+        mem: Arc::new(mem),
+    })
+}
+
+/// Restores the state into the waiting VMM, persists the VM and resumes
+/// the guest. Verify mode compares memory digests first.
+fn finish(
+    blob: &[u8],
+    name: &str,
+    paths: &VmPaths,
+    pid: u32,
+    mem: &GuestMemory,
+    service: &Service,
+) -> Result<(), String> {
+    let envelope = StateEnvelope::decode(blob).map_err(|e| crate::error_chain(&e))?;
+    if envelope.spec.name != name {
+        return Err(format!(
+            "state names vm {}, the hello named {name}",
+            envelope.spec.name
+        ));
+    }
+    if let Some(expected) = envelope.digest {
+        let got = mem.digest();
+        if got != expected {
+            return Err(format!(
+                "{DIGEST_MISMATCH}: source {expected}, target {got}"
+            ));
+        }
+        info!(digest = %got, "memory digest matches the source");
+    }
+    let mut client =
+        ControlClient::connect(&paths.control_socket).map_err(|e| crate::error_chain(&e))?;
+    client
+        .set_timeout(Some(std::time::Duration::from_secs(30)))
+        .map_err(|e| crate::error_chain(&e))?;
+    client
+        .restore(&envelope.vm_state)
+        .map_err(|e| crate::error_chain(&e))?;
+    service
+        .complete_incoming(envelope.spec, pid)
+        .map_err(|e| crate::error_chain(&e))?;
+    if let Err(e) = client.resume() {
+        // The VM is persisted but not running: report it failed rather than
+        // pretend (the source resumes its copy).
+        let message = crate::error_chain(&e);
+        let _ = service.remove_migrated_vm(name);
+        return Err(message);
+    }
+    Ok(())
+}

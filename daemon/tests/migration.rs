@@ -1,0 +1,537 @@
+//! Live migration between two real `migrated` processes on this machine:
+//! QUIC with mutual TLS over 127.0.0.1 (a CA generated per test), real
+//! `migrate-vmm` KVM guests.
+//!
+//! Needs /dev/kvm and the `migrate-vmm` binary (build it first with
+//! `cargo build -p vmm --bin migrate-vmm`, or set MIGRATE_VMM_BIN). Without
+//! them each test is skipped with a message, unless MIGRATED_REQUIRE_KVM=1.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use migrated::client::ApiClient;
+use migrated::model::{
+    DirtyMode, MigrationPhase, MigrationRecord, MigrationRequest, Quantity, VmPhase, VmSpec,
+    WorkloadSpec,
+};
+use transport::identity::{ClusterCa, HostName, Validity};
+
+fn skip_or_fail(why: &str) {
+    if std::env::var("MIGRATED_REQUIRE_KVM").as_deref() == Ok("1") {
+        panic!("MIGRATED_REQUIRE_KVM=1 but {why}");
+    }
+    eprintln!("SKIPPED migration test: {why}");
+}
+
+fn vmm_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("MIGRATE_VMM_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ok()?;
+    let candidate = exe.parent()?.parent()?.join("migrate-vmm");
+    candidate.is_file().then_some(candidate)
+}
+
+/// The VMM binary when KVM is usable, else `None` (test skipped).
+fn kvm_and_vmm() -> Option<PathBuf> {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        skip_or_fail("/dev/kvm is missing or not accessible");
+        return None;
+    }
+    let vmm = vmm_binary();
+    if vmm.is_none() {
+        skip_or_fail("migrate-vmm not built (cargo build -p vmm --bin migrate-vmm)");
+    }
+    vmm
+}
+
+/// A UDP port nobody listens on right now.
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `migrated`, killed on drop.
+struct Daemon {
+    child: Child,
+    api: ApiClient,
+}
+
+impl Daemon {
+    /// Writes host `name`'s config and TLS files under `dir` and starts it.
+    fn start(
+        dir: &Path,
+        name: &str,
+        port: u16,
+        peers: &[(&str, u16)],
+        ca: &ClusterCa,
+        vmm: &Path,
+        migration: &str,
+    ) -> Self {
+        let home = dir.join(name);
+        std::fs::create_dir_all(&home).unwrap();
+        ca.write_pem(&home.join("ca.pem"), &home.join("ca.key"))
+            .unwrap();
+        ca.issue_host(
+            &HostName::new(name).unwrap(),
+            Validity::for_duration(Duration::from_secs(3600)),
+        )
+        .unwrap()
+        .write_pem(&home.join("host.pem"), &home.join("host.key"))
+        .unwrap();
+        let socket = home.join("api.sock");
+        let mut config = format!(
+            "host_name = {name:?}\nstate_dir = {:?}\napi_socket = {:?}\nvmm_binary = {vmm:?}\nlisten = \"127.0.0.1:{port}\"\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n[peers]\n",
+            home.join("state"),
+            socket,
+            home.join("ca.pem"),
+            home.join("host.pem"),
+            home.join("host.key"),
+        );
+        for (peer, port) in peers {
+            config.push_str(&format!("{peer} = \"127.0.0.1:{port}\"\n"));
+        }
+        config.push_str("\n[migration]\n");
+        config.push_str(migration);
+        let path = home.join("config.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_migrated"))
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start migrated");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let tag = name.to_string();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[{tag}] {line}");
+                if line.contains("migrated ready") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("migrated did not become ready (see its log above)");
+        Self {
+            child,
+            api: ApiClient::new(socket),
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Kills VMMs the test may leave behind.
+struct Reaper(Vec<u32>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+        }
+    }
+}
+
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+    }
+}
+
+fn spec(name: &str, memory: Quantity, wss: Quantity, rate: &str) -> VmSpec {
+    VmSpec {
+        name: name.into(),
+        labels: Default::default(),
+        memory,
+        vcpus: 1,
+        workload: WorkloadSpec {
+            wss,
+            dirty_rate: rate.parse().unwrap(),
+            mode: DirtyMode::Sparse,
+            ..WorkloadSpec::default()
+        },
+    }
+}
+
+/// Waits until the guest's pass counter on `c` exceeds `above`, checking
+/// it stays Running with no corrupt page. Returns the counter.
+async fn passes_above(c: &ApiClient, name: &str, above: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let vm = c.get_vm(name).await.unwrap();
+        assert!(
+            matches!(vm.status.phase, VmPhase::Running | VmPhase::Migrating),
+            "{:?}",
+            vm.status
+        );
+        let g = vm.status.guest.expect("a running vm reports counters");
+        assert_eq!(g.corrupt_pages, 0, "guest reported corrupt pages");
+        if g.passes > above {
+            return g.passes;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "guest passes stuck at {} (wanted > {above})",
+            g.passes
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls the migration until it is final.
+async fn finished(c: &ApiClient, name: &str, within: Duration) -> MigrationRecord {
+    let deadline = Instant::now() + within;
+    loop {
+        let m = c.get_migration(name).await.unwrap();
+        if m.phase.is_final() {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "migration not final: {m:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct Pair {
+    _tmp: tempfile::TempDir,
+    a: Daemon,
+    b: Daemon,
+}
+
+fn pair(vmm: &Path) -> Pair {
+    pair_with(vmm, "")
+}
+
+/// Two daemons; `migration` is extra `[migration]` config for both.
+fn pair_with(vmm: &Path, migration: &str) -> Pair {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = ClusterCa::generate("test-cluster").unwrap();
+    let (pa, pb) = (free_udp_port(), free_udp_port());
+    let a = Daemon::start(
+        tmp.path(),
+        "host-a",
+        pa,
+        &[("host-b", pb)],
+        &ca,
+        vmm,
+        migration,
+    );
+    let b = Daemon::start(
+        tmp.path(),
+        "host-b",
+        pb,
+        &[("host-a", pa)],
+        &ca,
+        vmm,
+        migration,
+    );
+    Pair { _tmp: tmp, a, b }
+}
+
+async fn migrate_and_check(vm: VmSpec) {
+    let Some(vmm) = kvm_and_vmm() else { return };
+    let p = pair(&vmm);
+    let name = vm.name.clone();
+    let created = p.a.api.create_vm(&vm).await.unwrap();
+    let src_pid = created.status.pid.unwrap();
+    let mut reaper = Reaper(vec![src_pid]);
+    let before = passes_above(&p.a.api, &name, 0).await;
+
+    let started = Instant::now();
+    let m =
+        p.a.api
+            .create_migration(&MigrationRequest {
+                vm: name.clone(),
+                target_host: "host-b".into(),
+                verify: true,
+            })
+            .await
+            .unwrap();
+    let m = finished(&p.a.api, &m.name, Duration::from_secs(120)).await;
+    let took = started.elapsed();
+    assert_eq!(m.phase, MigrationPhase::Succeeded, "{m:?}");
+    assert_eq!(m.memory_digest_matched, Some(true), "{m:?}");
+    assert!(m.passes >= 1 && m.bytes_sent > 0, "{m:?}");
+    assert_eq!(m.bytes_total, vm.memory.bytes());
+    let downtime = m.actual_downtime_ms.expect("downtime recorded");
+    assert!(downtime > 0, "{m:?}");
+    assert!(m.end_timestamp.is_some() && m.start_timestamp.is_some());
+    eprintln!(
+        "MEASURED {name}: total {took:?}, downtime {downtime} ms, {} bytes on the wire ({:.3}% of {}), {} passes, {} zero pages",
+        m.bytes_sent,
+        m.bytes_sent as f64 * 100.0 / m.bytes_total as f64,
+        vm.memory,
+        m.passes,
+        m.zero_pages
+    );
+
+    // The guest continues on B: its counter goes on from where it was.
+    let on_b = p.b.api.get_vm(&name).await.unwrap();
+    assert_eq!(on_b.status.phase, VmPhase::Running, "{:?}", on_b.status);
+    let b_pid = on_b.status.pid.unwrap();
+    reaper.0.push(b_pid);
+    passes_above(&p.b.api, &name, before).await;
+    // And it is gone from A, VMM included.
+    assert!(p.a.api.get_vm(&name).await.is_err());
+    assert!(gone(src_pid), "source vmm {src_pid} still running");
+    p.b.api.delete_vm(&name).await.unwrap();
+    assert!(gone(b_pid));
+}
+
+#[tokio::test]
+async fn migrates_an_idle_1g_guest() {
+    migrate_and_check(spec("idle", Quantity::mib(1024), Quantity::mib(4), "0")).await;
+}
+
+#[tokio::test]
+async fn migrates_a_1g_guest_dirtying_64m_at_50m_per_s() {
+    // Full pages (every byte rewritten) so the pages do not compress away.
+    let mut s = spec("busy", Quantity::mib(1024), Quantity::mib(64), "50");
+    s.workload.mode = DirtyMode::Full;
+    migrate_and_check(s).await;
+}
+
+/// Fails fast with a readable reason, and the guest never noticed.
+async fn fails_and_guest_stays(a: &ApiClient, vm: &str, target: &str, code: &str) {
+    let before = passes_above(a, vm, 0).await;
+    let started = Instant::now();
+    let m = a
+        .create_migration(&MigrationRequest {
+            vm: vm.into(),
+            target_host: target.into(),
+            verify: false,
+        })
+        .await
+        .unwrap();
+    let m = finished(a, &m.name, Duration::from_secs(20)).await;
+    assert_eq!(m.phase, MigrationPhase::Failed, "{m:?}");
+    assert_eq!(m.failure_code.as_deref(), Some(code), "{m:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+    eprintln!("failure reason: {}", m.failure_reason.unwrap_or_default());
+    let vm_now = a.get_vm(vm).await.unwrap();
+    assert_eq!(vm_now.status.phase, VmPhase::Running);
+    passes_above(a, vm, before).await;
+}
+
+#[tokio::test]
+async fn unreachable_target_fails_fast_and_guest_keeps_running() {
+    let Some(vmm) = kvm_and_vmm() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = ClusterCa::generate("test-cluster").unwrap();
+    let nobody = free_udp_port();
+    let a = Daemon::start(
+        tmp.path(),
+        "host-a",
+        free_udp_port(),
+        &[("host-b", nobody)],
+        &ca,
+        &vmm,
+        "",
+    );
+    let vm = a
+        .api
+        .create_vm(&spec("stay", Quantity::mib(64), Quantity::mib(4), "16"))
+        .await
+        .unwrap();
+    let _reaper = Reaper(vec![vm.status.pid.unwrap()]);
+    fails_and_guest_stays(&a.api, "stay", "host-b", "target_unreachable").await;
+}
+
+#[tokio::test]
+async fn target_with_the_same_vm_refuses_and_guest_keeps_running() {
+    let Some(vmm) = kvm_and_vmm() else { return };
+    let p = pair(&vmm);
+    let s = spec("twin", Quantity::mib(64), Quantity::mib(4), "16");
+    let on_a = p.a.api.create_vm(&s).await.unwrap();
+    let on_b = p.b.api.create_vm(&s).await.unwrap();
+    let _reaper = Reaper(vec![on_a.status.pid.unwrap(), on_b.status.pid.unwrap()]);
+    fails_and_guest_stays(&p.a.api, "twin", "host-b", "vm_exists").await;
+    // B's own VM is untouched.
+    let b_vm = p.b.api.get_vm("twin").await.unwrap();
+    assert_eq!(b_vm.status.pid, on_b.status.pid);
+    assert_eq!(b_vm.status.phase, VmPhase::Running);
+}
+
+/// A guest that rewrites all of its 8 MiB working set (incompressible) as
+/// fast as it can: more than the 4 MiB/s link of [`SLOW_LINK`] carries, so
+/// the migration cannot converge.
+const SLOW_LINK: &str = "downtime_limit = \"1ms\"\nbandwidth_per_migration = \"4Mi\"\n";
+
+fn restless(name: &str) -> VmSpec {
+    let mut s = spec(name, Quantity::mib(256), Quantity::mib(8), "max");
+    s.workload.mode = DirtyMode::Full;
+    s
+}
+
+/// The guest on the source after a failed migration: running, counting,
+/// no dirty logging left on, nothing left on the target.
+async fn intact_after_failure(p: &Pair, vm: &str, before: u64) {
+    let now = p.a.api.get_vm(vm).await.unwrap();
+    assert_eq!(now.status.phase, VmPhase::Running, "{:?}", now.status);
+    let g = now.status.guest.unwrap();
+    assert_eq!(g.run_state, "running");
+    passes_above(&p.a.api, vm, before).await;
+    // The target drops its half-received copy once it hears of the abort.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.b.api.get_vm(vm).await.is_ok() {
+        assert!(Instant::now() < deadline, "target kept a copy of {vm}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_migration_that_cannot_converge_times_out_and_resumes_the_guest() {
+    let Some(vmm) = kvm_and_vmm() else { return };
+    let p = pair_with(&vmm, &format!("{SLOW_LINK}progress_timeout = 2\n"));
+    let vm = p.a.api.create_vm(&restless("restless")).await.unwrap();
+    let _reaper = Reaper(vec![vm.status.pid.unwrap()]);
+    let before = passes_above(&p.a.api, "restless", 0).await;
+    let m =
+        p.a.api
+            .create_migration(&MigrationRequest {
+                vm: "restless".into(),
+                target_host: "host-b".into(),
+                verify: false,
+            })
+            .await
+            .unwrap();
+    let m = finished(&p.a.api, &m.name, Duration::from_secs(60)).await;
+    assert_eq!(m.phase, MigrationPhase::Failed, "{m:?}");
+    assert_eq!(m.failure_code.as_deref(), Some("progress_timeout"), "{m:?}");
+    assert!(m.passes >= 2, "{m:?}");
+    assert!(
+        m.dirty_rate > 0 && m.expected_downtime_ms.is_some(),
+        "{m:?}"
+    );
+    intact_after_failure(&p, "restless", before).await;
+}
+
+#[tokio::test]
+async fn cancelling_a_running_migration_resumes_the_guest() {
+    let Some(vmm) = kvm_and_vmm() else { return };
+    let p = pair_with(&vmm, SLOW_LINK);
+    let vm = p.a.api.create_vm(&restless("fickle")).await.unwrap();
+    let _reaper = Reaper(vec![vm.status.pid.unwrap()]);
+    let before = passes_above(&p.a.api, "fickle", 0).await;
+    let m =
+        p.a.api
+            .create_migration(&MigrationRequest {
+                vm: "fickle".into(),
+                target_host: "host-b".into(),
+                verify: false,
+            })
+            .await
+            .unwrap();
+    // Cancel once it is in its dirty passes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = p.a.api.get_migration(&m.name).await.unwrap();
+        assert!(!r.phase.is_final(), "{r:?}");
+        if r.phase == MigrationPhase::Running && r.passes >= 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{r:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    p.a.api.cancel_migration(&m.name).await.unwrap();
+    let m = finished(&p.a.api, &m.name, Duration::from_secs(30)).await;
+    assert_eq!(m.phase, MigrationPhase::Failed, "{m:?}");
+    assert_eq!(m.failure_code.as_deref(), Some("aborted"), "{m:?}");
+    assert_eq!(
+        m.abort_status,
+        Some(migrated::model::AbortStatus::Succeeded),
+        "{m:?}"
+    );
+    intact_after_failure(&p, "fickle", before).await;
+}
+
+/// A source that claims a 900 GiB guest: the target must refuse with
+/// `not_enough_memory` before creating anything.
+#[tokio::test]
+async fn target_refuses_a_guest_larger_than_its_memory() {
+    use transport::codec::ReasonCode;
+    use transport::driver::{DriverError, SourceDriver};
+    use transport::endpoint::{Endpoint, EndpointConfig, MigrationId};
+    use transport::layout::{MemoryLayout, PageIndex, PAGE_SIZE};
+    use transport::limiter::RateLimiter;
+    use transport::session::{PageSource, SourceError, SourceOptions, SourceSession};
+
+    struct NoPages;
+    impl PageSource for NoPages {
+        fn read_page(&self, _: PageIndex, _: &mut [u8; PAGE_SIZE]) -> std::io::Result<()> {
+            Err(std::io::Error::other("never read"))
+        }
+    }
+
+    let Some(vmm) = kvm_and_vmm() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = ClusterCa::generate("test-cluster").unwrap();
+    let pb = free_udp_port();
+    let b = Daemon::start(tmp.path(), "host-b", pb, &[], &ca, &vmm, "");
+    // This test plays host-a itself, with a certificate from the same CA.
+    let a_identity = ca
+        .host_identity(
+            &HostName::new("host-a").unwrap(),
+            Validity::for_duration(Duration::from_secs(3600)),
+        )
+        .unwrap();
+    let config = EndpointConfig::listening_on("127.0.0.1:0".parse().unwrap());
+    let a = Endpoint::bind(&config, &a_identity).unwrap();
+    let conn = a
+        .connect(
+            format!("127.0.0.1:{pb}").parse().unwrap(),
+            &HostName::new("host-b").unwrap(),
+        )
+        .await
+        .unwrap();
+    let streams = conn.open_migration(MigrationId(7), 1).await.unwrap();
+    let mut session = SourceSession::new(
+        MemoryLayout::x86(900 << 30).unwrap(),
+        SourceOptions {
+            host: "host-a".into(),
+            migration_id: "huge-1".into(),
+            vm_name: "huge".into(),
+            ..SourceOptions::default()
+        },
+    )
+    .unwrap();
+    let mut driver = SourceDriver::new(streams, RateLimiter::unlimited());
+    let err = driver.handshake(&mut session, &NoPages).await.unwrap_err();
+    match err {
+        DriverError::Source(SourceError::Refused { code, message }) => {
+            assert_eq!(code, ReasonCode::NotEnoughMemory, "{message}");
+            assert!(message.contains("memory"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(b.api.get_vm("huge").await.is_err());
+    assert!(b.api.list_vms().await.unwrap().is_empty());
+}

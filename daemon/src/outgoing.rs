@@ -39,6 +39,10 @@ pub const DIGEST_MISMATCH: &str = "memory digest mismatch";
 /// Page streams per migration: enough to keep a loopback or LAN link busy.
 const BULK_STREAMS: u16 = 2;
 /// Records are persisted (fsync) at most this often while passes run.
+/// Dirty bytes small enough to switch over at once: well under a
+/// millisecond on any link a migration uses.
+const SWITCHOVER_FLOOR: u64 = 64 * PAGE;
+
 const PERSIST_EVERY: Duration = Duration::from_millis(500);
 /// How long one VMM control call may block.
 const VMM_CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -384,7 +388,13 @@ impl Transfer<'_> {
             p.dirty_rate = (remaining as f64 / since.as_secs_f64().max(1e-3)) as u64;
             let expected = expected_downtime(remaining, p.bandwidth);
             self.report(&mut p, remaining, expected, true);
-            if expected <= downtime_limit {
+            // Under the limit is enough to switch over, but not a reason
+            // to: while passes keep shrinking the dirty set (the link drains
+            // faster than the guest dirties), one more pass costs the guest
+            // nothing and cuts the downtime. Switch once it stops shrinking
+            // or is already tiny.
+            let shrinking = remaining < best_remaining.saturating_mul(3) / 4;
+            if expected <= downtime_limit && (!shrinking || remaining <= SWITCHOVER_FLOOR) {
                 return self.stop_and_copy(p, bitmap).await;
             }
             if remaining < best_remaining {

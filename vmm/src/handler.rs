@@ -8,12 +8,13 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use guestmem::GuestMemory;
-use tracing::{info, warn};
+use guestmem::MemoryLayout;
+use tracing::{debug, info, warn};
 
 use crate::control::{ControlHandler, ErrorCode, Reply, Request, RunState, VmStatus};
 use crate::machine::{Machine, MachineOpError};
 use crate::state::VmState;
-use crate::vm::DirtyLogError;
+use crate::vm::{DirtyLogError, Vm};
 
 /// What the handler currently drives.
 enum Slot {
@@ -22,6 +23,9 @@ enum Slot {
     Waiting {
         memfd: OwnedFd,
         serial_log: File,
+        /// A VM created ahead of the state over the memfd's standard
+        /// layout; used when the state's layout is that one.
+        prepared: Option<Vm>,
     },
     Ready(Arc<Machine>),
 }
@@ -72,7 +76,15 @@ impl VmmHandler {
 
     /// A handler waiting for a Restore request (`restore --wait-state`).
     pub fn waiting_for_state(name: impl Into<String>, memfd: OwnedFd, serial_log: File) -> Self {
-        Self::new(name.into(), Slot::Waiting { memfd, serial_log })
+        let prepared = prepare_vm(&memfd);
+        Self::new(
+            name.into(),
+            Slot::Waiting {
+                memfd,
+                serial_log,
+                prepared,
+            },
+        )
     }
 
     fn new(name: String, slot: Slot) -> Self {
@@ -168,7 +180,12 @@ impl VmmHandler {
 
     fn restore(&self, blob: &[u8]) -> Reply {
         let mut slot = self.slot();
-        let Slot::Waiting { memfd, serial_log } = &*slot else {
+        let Slot::Waiting {
+            memfd,
+            serial_log,
+            prepared,
+        } = &mut *slot
+        else {
             return Reply::error(ErrorCode::WrongState, "not waiting for state");
         };
         let state = match VmState::from_bytes(blob) {
@@ -188,11 +205,21 @@ impl VmmHandler {
             Ok(f) => f,
             Err(e) => return dup_err("serial log", e),
         };
-        let mem = match GuestMemory::from_fd(fd, state.layout.clone()) {
-            Ok(m) => Arc::new(m),
-            Err(e) => return Reply::error(ErrorCode::BadState, error_chain(&e)),
+        let t = Instant::now();
+        let restored = match prepared.take() {
+            Some(vm) if vm.memory().layout() == &state.layout => {
+                Machine::restore_into(vm, &state, log)
+            }
+            _ => match GuestMemory::from_fd(fd, state.layout.clone()) {
+                Ok(m) => Machine::restore(Arc::new(m), &state, log),
+                Err(e) => return Reply::error(ErrorCode::BadState, error_chain(&e)),
+            },
         };
-        match Machine::restore(mem, &state, log) {
+        debug!(
+            us = t.elapsed().as_micros() as u64,
+            "restore request applied"
+        );
+        match restored {
             Ok(m) => {
                 *slot = Slot::Ready(Arc::new(m));
                 info!("state restored from control request");
@@ -202,6 +229,25 @@ impl VmmHandler {
                 warn!(error = %error_chain(&e), "restore failed");
                 Reply::error(ErrorCode::BadState, error_chain(&e))
             }
+        }
+    }
+}
+
+/// Creates the VM (KVM VM, irqchip, PIT, memory slots) over the memfd's
+/// standard layout before the state arrives. Best effort: on any error the
+/// Restore request builds everything itself.
+fn prepare_vm(memfd: &OwnedFd) -> Option<Vm> {
+    let prepare = || -> Result<Vm, Box<dyn std::error::Error>> {
+        let size = File::from(memfd.try_clone()?).metadata()?.len();
+        let layout = MemoryLayout::for_size(size)?;
+        let mem = GuestMemory::from_fd(memfd.try_clone()?, layout)?;
+        Ok(Vm::create(Arc::new(mem))?)
+    };
+    match prepare() {
+        Ok(vm) => Some(vm),
+        Err(e) => {
+            debug!(error = %e, "no VM prepared ahead of the state");
+            None
         }
     }
 }

@@ -253,7 +253,18 @@ impl Machine {
         serial_log: File,
     ) -> Result<Self, BuildMachineError> {
         check_vcpu_count(state.vcpus.len())?;
-        let vm = Vm::create(mem)?;
+        Self::restore_into(Vm::create(mem)?, state, serial_log)
+    }
+
+    /// Restores `state` into an already created VM whose memory holds the
+    /// guest's RAM (`restore --wait-state` creates it ahead of time, so that
+    /// KVM_CREATE_VM and the memory slots stay out of the downtime).
+    pub fn restore_into(
+        vm: Vm,
+        state: &VmState,
+        serial_log: File,
+    ) -> Result<Self, BuildMachineError> {
+        check_vcpu_count(state.vcpus.len())?;
         // VM-wide KVM state first, then vCPUs, then devices.
         restore_vm(vm.fd(), &state.vm).map_err(BuildMachineError::RestoreVm)?;
         let mut fds = Vec::with_capacity(state.vcpus.len());

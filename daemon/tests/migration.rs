@@ -7,7 +7,7 @@
 //! them each test is skipped with a message, unless MIGRATED_REQUIRE_KVM=1.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -19,39 +19,8 @@ use migrated::model::{
 };
 use transport::identity::{ClusterCa, HostName, Validity};
 
-fn skip_or_fail(why: &str) {
-    if std::env::var("MIGRATED_REQUIRE_KVM").as_deref() == Ok("1") {
-        panic!("MIGRATED_REQUIRE_KVM=1 but {why}");
-    }
-    eprintln!("SKIPPED migration test: {why}");
-}
-
-fn vmm_binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("MIGRATE_VMM_BIN") {
-        return Some(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().ok()?;
-    let candidate = exe.parent()?.parent()?.join("migrate-vmm");
-    candidate.is_file().then_some(candidate)
-}
-
-/// The VMM binary when KVM is usable, else `None` (test skipped).
-fn kvm_and_vmm() -> Option<PathBuf> {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        skip_or_fail("/dev/kvm is missing or not accessible");
-        return None;
-    }
-    let vmm = vmm_binary();
-    if vmm.is_none() {
-        skip_or_fail("migrate-vmm not built (cargo build -p vmm --bin migrate-vmm)");
-    }
-    vmm
-}
+mod common;
+use common::{gone, kvm_and_vmm};
 
 /// A UDP port nobody listens on right now.
 fn free_udp_port() -> u16 {
@@ -151,15 +120,6 @@ impl Drop for Reaper {
         for pid in &self.0 {
             let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
         }
-    }
-}
-
-fn gone(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z')),
     }
 }
 

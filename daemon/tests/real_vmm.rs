@@ -8,7 +8,7 @@
 //! which turns a skip into a failure.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -16,22 +16,8 @@ use std::time::{Duration, Instant};
 use migrated::client::ApiClient;
 use migrated::model::{Quantity, VmPhase, VmSpec, WorkloadSpec};
 
-fn skip_or_fail(why: &str) {
-    if std::env::var("MIGRATED_REQUIRE_KVM").as_deref() == Ok("1") {
-        panic!("MIGRATED_REQUIRE_KVM=1 but {why}");
-    }
-    eprintln!("SKIPPED real_vmm test: {why}");
-}
-
-fn vmm_binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("MIGRATE_VMM_BIN") {
-        return Some(PathBuf::from(p));
-    }
-    // Test binaries live in target/<profile>/deps; cargo puts bins one up.
-    let exe = std::env::current_exe().ok()?;
-    let candidate = exe.parent()?.parent()?.join("migrate-vmm");
-    candidate.is_file().then_some(candidate)
-}
+mod common;
+use common::{gone, kvm_and_vmm};
 
 /// A running `migrated`, killed (SIGKILL, like a crash) on drop.
 struct DaemonProcess {
@@ -90,17 +76,6 @@ impl Drop for VmmGuard {
     }
 }
 
-/// Whether process `pid` has exited (a zombie awaiting its reaper counts).
-fn gone(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        // The state letter follows the parenthesised command name.
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z')),
-    }
-}
-
 /// Waits (bounded) until the guest's pass counter exceeds `above`.
 async fn passes_above(c: &ApiClient, name: &str, above: u64) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -127,16 +102,8 @@ async fn passes_above(c: &ApiClient, name: &str, above: u64) -> u64 {
 
 #[tokio::test]
 async fn real_guest_survives_daemon_restart() {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        return skip_or_fail("/dev/kvm is missing or not accessible");
-    }
-    let Some(vmm) = vmm_binary() else {
-        return skip_or_fail("migrate-vmm not built (cargo build -p vmm --bin migrate-vmm)");
+    let Some(vmm) = kvm_and_vmm() else {
+        return;
     };
     let tmp = tempfile::tempdir().unwrap();
     let socket = tmp.path().join("api.sock");

@@ -59,7 +59,8 @@ impl From<ServiceError> for ApiError {
             | codes::MIGRATION_IN_PROGRESS
             | codes::VM_NOT_RUNNING
             | codes::VM_BUSY
-            | codes::ALREADY_FINISHED => StatusCode::CONFLICT,
+            | codes::ALREADY_FINISHED
+            | codes::CONFLICT => StatusCode::CONFLICT,
             codes::INSUFFICIENT_MEMORY => StatusCode::INSUFFICIENT_STORAGE,
             codes::VMM_FAILED => StatusCode::BAD_GATEWAY,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -123,6 +124,9 @@ pub fn router(svc: Arc<Service>) -> Router {
             "/v1/migrations/{name}",
             get(get_migration).delete(cancel_migration),
         )
+        .route("/v1/migrations/{name}/cancel", post(cancel_migration))
+        .route("/v1/migrations/{name}/switch", post(switch_migration))
+        .route("/v1/migrations/{name}/resume", post(resume_migration))
         .fallback(unknown_route)
         .with_state(svc)
 }
@@ -198,6 +202,20 @@ async fn cancel_migration(
     UrlPath(name): UrlPath<String>,
 ) -> ApiResult<MigrationRecord> {
     blocking(move || svc.cancel_migration(&name)).await
+}
+
+async fn switch_migration(
+    State(svc): Svc,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<MigrationRecord> {
+    blocking(move || svc.switch_migration(&name)).await
+}
+
+async fn resume_migration(
+    State(svc): Svc,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<MigrationRecord> {
+    blocking(move || svc.resume_migration(&name)).await
 }
 
 /// The API socket could not be set up.

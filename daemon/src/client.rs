@@ -201,6 +201,26 @@ impl ApiClient {
         )
         .await
     }
+
+    /// Switches a running pre-copy migration to post-copy.
+    pub async fn switch_migration(&self, name: &str) -> Result<MigrationRecord, ApiCallError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/migrations/{}/switch", seg(name)),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// Continues a post-copy migration that failed because the link broke.
+    pub async fn resume_migration(&self, name: &str) -> Result<MigrationRecord, ApiCallError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/migrations/{}/resume", seg(name)),
+            None::<&()>,
+        )
+        .await
+    }
 }
 
 /// Percent-encodes a path segment, so any user-typed name reaches the

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::check_name;
+use crate::model::{check_name, AutoConvergeStep, MigrationConfiguration, MigrationOverrides};
 use crate::quantity::{HumanDuration, Quantity};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/migrated/config.toml";
@@ -85,6 +85,9 @@ pub struct TlsConfig {
 pub struct MigrationDefaults {
     /// Raise a vCPU throttle step by step when passes stop converging.
     pub allow_auto_converge: bool,
+    /// "adaptive" (from the measured dirty rate and bandwidth) or "fixed"
+    /// (QEMU's 20% then +10%).
+    pub auto_converge_step: AutoConvergeStep,
     /// Switch to post-copy when pre-copy does not converge.
     pub allow_post_copy: bool,
     /// Seconds per GiB of guest RAM before a migration is cancelled.
@@ -136,6 +139,7 @@ impl Default for MigrationDefaults {
     fn default() -> Self {
         Self {
             allow_auto_converge: false,
+            auto_converge_step: AutoConvergeStep::Adaptive,
             allow_post_copy: false,
             completion_timeout_per_gib: 800,
             progress_timeout: 150,
@@ -145,6 +149,29 @@ impl Default for MigrationDefaults {
             keepalive_count: 5,
             parallel_migrations_per_cluster: 5,
             parallel_outbound_migrations_per_node: 2,
+        }
+    }
+}
+
+impl MigrationDefaults {
+    /// What one migration runs with: these defaults, overridden by the
+    /// request's options.
+    pub fn resolve(&self, o: &MigrationOverrides) -> MigrationConfiguration {
+        MigrationConfiguration {
+            allow_auto_converge: o.allow_auto_converge.unwrap_or(self.allow_auto_converge),
+            auto_converge_step: o.auto_converge_step.unwrap_or(self.auto_converge_step),
+            allow_post_copy: o.post_copy_now || o.allow_post_copy.unwrap_or(self.allow_post_copy),
+            completion_timeout_per_gib: o
+                .completion_timeout_per_gib
+                .unwrap_or(self.completion_timeout_per_gib),
+            progress_timeout: o.progress_timeout.unwrap_or(self.progress_timeout),
+            bandwidth_per_migration: o
+                .bandwidth_per_migration
+                .unwrap_or(self.bandwidth_per_migration),
+            downtime_limit: o.downtime_limit.unwrap_or(self.downtime_limit),
+            keepalive_interval: self.keepalive_interval,
+            keepalive_count: self.keepalive_count,
+            post_copy_now: o.post_copy_now,
         }
     }
 }
@@ -364,6 +391,10 @@ const KEY_DOCS: &[(&str, &str)] = &[
     (
         "allow_auto_converge",
         "Throttle vCPUs step by step when pre-copy passes stop converging.",
+    ),
+    (
+        "auto_converge_step",
+        "How auto-converge raises the throttle: \"adaptive\" (to the level the measured dirty rate and bandwidth call for) or \"fixed\" (QEMU: 20%, then +10%).",
     ),
     (
         "allow_post_copy",

@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tracing::{info, warn};
 
-use crate::model::{codes, AbortStatus, MigrationRecord};
+use crate::model::{
+    codes, AbortStatus, MigrationConfiguration, MigrationOverrides, MigrationRecord,
+};
 use crate::store::{SaveRecordError, Store};
 
 /// Drives migrations. Implementations must return quickly from both
@@ -22,6 +24,28 @@ pub trait MigrationEngine: Send + Sync + 'static {
     /// The user asked to cancel `handle`'s migration (its record already
     /// has `abort_requested` set).
     fn abort(&self, handle: MigrationHandle);
+
+    /// The settings a new migration with `options` will run with (stored
+    /// in its record). `None`: this engine has no settings.
+    fn configure(&self, options: &MigrationOverrides) -> Option<MigrationConfiguration> {
+        let _ = options;
+        None
+    }
+
+    /// The user asked to switch `handle`'s running migration to post-copy
+    /// (its record already has `switch_requested` set). Engines without
+    /// post-copy ignore it.
+    fn switch_to_post_copy(&self, handle: MigrationHandle) {
+        let _ = handle;
+    }
+
+    /// Continues a post-copy migration that failed with the guest split
+    /// between both hosts (`migratectl migrate --resume`). The error says
+    /// why it cannot.
+    fn resume(&self, record: MigrationRecord, handle: MigrationHandle) -> Result<(), String> {
+        let _ = (record, handle);
+        Err("this engine cannot resume migrations".into())
+    }
 }
 
 /// The default engine until the real one lands.

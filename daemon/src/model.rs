@@ -443,6 +443,104 @@ pub struct MigrationRequest {
     /// `migratectl demo`); the result lands in `memoryDigestMatched`.
     #[serde(default)]
     pub verify: bool,
+    /// Settings that differ from the daemon's `[migration]` defaults for
+    /// this migration only.
+    #[serde(default, skip_serializing_if = "MigrationOverrides::is_empty")]
+    pub options: MigrationOverrides,
+}
+
+/// How auto-converge raises the vCPU throttle.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoConvergeStep {
+    /// QEMU's rule: 20% first, then +10% per step.
+    Fixed,
+    /// Jump straight to the throttle at which the measured dirty rate
+    /// falls to half the measured bandwidth (at least QEMU's step).
+    #[default]
+    Adaptive,
+}
+
+impl fmt::Display for AutoConvergeStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AutoConvergeStep::Fixed => "fixed",
+            AutoConvergeStep::Adaptive => "adaptive",
+        })
+    }
+}
+
+/// Per-migration overrides of the daemon's `[migration]` defaults (what a
+/// KubeVirt MigrationPolicy sets). `None` keeps the daemon's value.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MigrationOverrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_auto_converge: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_converge_step: Option<AutoConvergeStep>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_post_copy: Option<bool>,
+    /// Seconds per GiB of guest memory.
+    #[serde(
+        default,
+        rename = "completionTimeoutPerGiB",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub completion_timeout_per_gib: Option<u64>,
+    /// Seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_timeout: Option<u64>,
+    /// Wire bytes per second, 0 = unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_per_migration: Option<Quantity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_limit: Option<HumanDuration>,
+    /// Switch to post-copy as soon as the first pass is sent (implies
+    /// `allowPostCopy`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub post_copy_now: bool,
+}
+
+impl MigrationOverrides {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// The settings a migration actually runs with (defaults plus overrides),
+/// kept in its record like KubeVirt's `migrationConfiguration`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationConfiguration {
+    pub allow_auto_converge: bool,
+    #[serde(default)]
+    pub auto_converge_step: AutoConvergeStep,
+    pub allow_post_copy: bool,
+    #[serde(rename = "completionTimeoutPerGiB")]
+    pub completion_timeout_per_gib: u64,
+    pub progress_timeout: u64,
+    pub bandwidth_per_migration: Quantity,
+    pub downtime_limit: HumanDuration,
+    pub keepalive_interval: HumanDuration,
+    pub keepalive_count: u32,
+    #[serde(default)]
+    pub post_copy_now: bool,
+}
+
+/// One change of the auto-converge throttle.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ThrottleStep {
+    /// Milliseconds since the migration started.
+    pub at_ms: u64,
+    /// Percent of vCPU time taken away (0 = removed).
+    pub percent: u8,
+    /// Dirty rate and bandwidth that led to it, bytes per second.
+    #[serde(default)]
+    pub dirty_rate: u64,
+    #[serde(default)]
+    pub bandwidth: u64,
 }
 
 /// One migration, persisted for its whole life and kept afterwards. Fields
@@ -509,6 +607,35 @@ pub struct MigrationRecord {
     /// the source's at switchover (both taken while the guest was paused).
     #[serde(default)]
     pub memory_digest_matched: Option<bool>,
+    /// What this migration ran with.
+    #[serde(default)]
+    pub migration_configuration: Option<MigrationConfiguration>,
+    /// Every throttle change auto-converge made, in order.
+    #[serde(default)]
+    pub throttle_steps: Vec<ThrottleStep>,
+    /// Dirty-pass pages sent as XOR deltas against their previous version.
+    #[serde(default)]
+    pub delta_pages: u64,
+    /// Post-copy: when the guest started running on the target.
+    #[serde(default)]
+    pub post_copy_start_timestamp: Option<Timestamp>,
+    /// Post-copy: pages the target faulted on and fetched on demand.
+    #[serde(default)]
+    pub remote_faults: u64,
+    /// Post-copy: pages pushed in the background after the switchover.
+    #[serde(default)]
+    pub post_copy_pages: u64,
+    /// Post-copy: fault round trip (request sent to page installed).
+    #[serde(default)]
+    pub fault_latency_p50_us: Option<u64>,
+    #[serde(default)]
+    pub fault_latency_p99_us: Option<u64>,
+    /// Post-copy: reconnects after the link to the target broke.
+    #[serde(default)]
+    pub reconnects: u32,
+    /// A switch to post-copy was asked for (`migratectl switch`).
+    #[serde(default)]
+    pub switch_requested: bool,
 }
 
 impl MigrationRecord {
@@ -567,6 +694,16 @@ impl MigrationRecord {
             abort_status: None,
             verify: false,
             memory_digest_matched: None,
+            migration_configuration: None,
+            throttle_steps: Vec::new(),
+            delta_pages: 0,
+            post_copy_start_timestamp: None,
+            remote_faults: 0,
+            post_copy_pages: 0,
+            fault_latency_p50_us: None,
+            fault_latency_p99_us: None,
+            reconnects: 0,
+            switch_requested: false,
         }
     }
 
@@ -646,6 +783,12 @@ pub mod codes {
     pub const INSUFFICIENT_MEMORY: &str = "insufficient_memory";
     pub const VMM_FAILED: &str = "vmm_failed";
     pub const ALREADY_FINISHED: &str = "already_finished";
+    /// Failure code of a post-copy migration whose link broke for longer
+    /// than the reconnects lasted: both hosts keep their part of the guest
+    /// and `migratectl migrate --resume` continues it.
+    pub const POST_COPY_INTERRUPTED: &str = "post_copy_interrupted";
+    /// The request conflicts with the migration's current mode.
+    pub const CONFLICT: &str = "conflict";
     pub const ENGINE_UNAVAILABLE: &str = "engine_unavailable";
     pub const INTERNAL: &str = "internal";
 }

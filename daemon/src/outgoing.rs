@@ -24,7 +24,7 @@ use transport::limiter::{BytesPerSecond, RateLimiter};
 use transport::session::{SourceError, SourceOptions, SourceSession};
 use vmm::control::{CallError, ControlClient};
 
-use crate::config::MigrationDefaults;
+use crate::model::{AutoConvergeStep, MigrationConfiguration, MigrationMode, ThrottleStep};
 use crate::engine::MigrationHandle;
 use crate::guestio::{
     holes, page_ranges, to_wire_layout, ConvertLayoutError, GuestPages, StateEnvelope,
@@ -44,6 +44,20 @@ const BULK_STREAMS: u16 = 2;
 const SWITCHOVER_FLOOR: u64 = 64 * PAGE;
 
 const PERSIST_EVERY: Duration = Duration::from_millis(500);
+/// Most pages in one transport pass. An iteration over a large dirty set
+/// is sent as several passes, so that a cancel or a switch to post-copy
+/// takes effect within one chunk (64 MiB) instead of a whole iteration.
+const PASS_CHUNK_PAGES: u64 = 16 * 1024;
+/// QEMU's auto-converge trigger: an iteration dirtied more than this share
+/// of what it sent ...
+const THROTTLE_TRIGGER: f64 = 0.5;
+/// ... this many times in a row.
+const THROTTLE_TRIGGER_COUNT: u32 = 2;
+/// QEMU's first throttle and its step (`cpu-throttle-initial`/`-increment`).
+const THROTTLE_INITIAL: u8 = 20;
+const THROTTLE_INCREMENT: u8 = 10;
+/// The VMM's highest throttle.
+const THROTTLE_MAX: u8 = 99;
 /// How long one VMM control call may block.
 const VMM_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -136,9 +150,12 @@ pub struct OutgoingContext {
     pub host: String,
     pub peers: Arc<Peers>,
     pub service: Arc<Service>,
-    pub defaults: MigrationDefaults,
+    /// The settings this migration runs with (also in its record).
+    pub config: MigrationConfiguration,
     /// Becomes true when the user cancels.
     pub cancel: watch::Receiver<bool>,
+    /// Becomes true when the user asks for post-copy now.
+    pub switch: watch::Receiver<bool>,
 }
 
 /// A VMM control connection shared with blocking threads.
@@ -253,6 +270,7 @@ async fn migrate(
         started: Instant::now(),
         paused: false,
         logging: false,
+        throttled: false,
     };
     let result = run.precopy().await;
     if let Err(e) = &result {
@@ -311,7 +329,7 @@ async fn open_target(
     .map_err(|e| MigrateOutError::Internal {
         what: format!("source session: {e}"),
     })?;
-    let limiter = match ctx.defaults.bandwidth_per_migration.bytes() {
+    let limiter = match ctx.config.bandwidth_per_migration.bytes() {
         0 => RateLimiter::unlimited(),
         n => RateLimiter::new(BytesPerSecond(n)),
     };
@@ -337,12 +355,25 @@ struct Transfer<'a> {
     started: Instant,
     paused: bool,
     logging: bool,
+    /// Auto-converge has the vCPUs throttled.
+    throttled: bool,
+}
+
+/// What one iteration did.
+struct Iteration {
+    /// Guest bytes of the pages it sent.
+    guest_bytes: u64,
+    /// Set when a switch to post-copy cut it short: the pages not sent.
+    unsent: Option<DirtyBitmap>,
 }
 
 /// Progress numbers carried from pass to pass.
 #[derive(Default)]
 struct Progress {
+    /// Iterations over the dirty set (each may be several transport passes).
     passes: u32,
+    /// Current auto-converge throttle.
+    throttle: u8,
     bytes_sent: u64,
     zero_pages: u64,
     /// Bytes per second, from passes big enough to measure.
@@ -353,11 +384,11 @@ struct Progress {
 
 impl Transfer<'_> {
     async fn precopy(&mut self) -> Result<(), MigrateOutError> {
-        let d = &self.ctx.defaults;
-        let downtime_limit = d.downtime_limit.get();
-        let progress_timeout = Duration::from_secs(d.progress_timeout);
+        let c = self.ctx.config.clone();
+        let downtime_limit = c.downtime_limit.get();
+        let progress_timeout = Duration::from_secs(c.progress_timeout);
         let gib = self.mem.len().div_ceil(1 << 30).max(1);
-        let completion_timeout = Duration::from_secs(d.completion_timeout_per_gib * gib);
+        let completion_timeout = Duration::from_secs(c.completion_timeout_per_gib * gib);
 
         self.vmm
             .call("dirty_log_start", |c| c.dirty_log_start())
@@ -372,11 +403,21 @@ impl Transfer<'_> {
         let zero = holes(&data, total);
         let mut p = Progress::default();
         let mut last_fetch = Instant::now();
-        self.pass(&mut p, &page_ranges(data), &page_ranges(zero))
+        let mut sent = self
+            .iteration(&mut p, page_ranges(data), page_ranges(zero))
             .await?;
+        if let Some(unsent) = sent.unsent {
+            return self.post_copy(p, unsent, "switch requested").await;
+        }
+        if c.post_copy_now {
+            return self
+                .post_copy(p, DirtyBitmap::new(total), "post-copy requested at start")
+                .await;
+        }
 
         let mut best_remaining = u64::MAX;
         let mut last_progress = Instant::now();
+        let mut converge = AutoConverge::new(&c);
         loop {
             let bitmap = self
                 .vmm
@@ -397,31 +438,115 @@ impl Transfer<'_> {
             if expected <= downtime_limit && (!shrinking || remaining <= SWITCHOVER_FLOOR) {
                 return self.stop_and_copy(p, bitmap).await;
             }
+            if *self.ctx.switch.borrow() {
+                return self.post_copy(p, bitmap, "switch requested").await;
+            }
             if remaining < best_remaining {
                 best_remaining = remaining;
                 last_progress = Instant::now();
             } else if last_progress.elapsed() >= progress_timeout {
+                if c.allow_post_copy {
+                    return self.post_copy(p, bitmap, "no progress").await;
+                }
                 return Err(MigrateOutError::ProgressTimeout {
                     timeout: progress_timeout,
                 });
             }
             if self.started.elapsed() >= completion_timeout {
+                if c.allow_post_copy {
+                    return self
+                        .post_copy(p, bitmap, "completion timeout reached")
+                        .await;
+                }
                 return Err(MigrateOutError::CompletionTimeout {
                     timeout: completion_timeout,
                 });
             }
+            if let Some(pct) = converge.next(sent.guest_bytes, remaining, p.bandwidth) {
+                self.set_throttle(&mut p, pct).await?;
+            }
             let ranges = bitmap_ranges(&bitmap);
-            self.pass(&mut p, &ranges, &[]).await?;
+            sent = self.iteration(&mut p, ranges, Vec::new()).await?;
+            if let Some(unsent) = sent.unsent {
+                // Pages of the cut iteration that were not sent yet are
+                // stale on the target; the ones it did send and the guest
+                // dirtied again come with the fetch after the pause.
+                return self.post_copy(p, unsent, "switch requested").await;
+            }
         }
     }
 
-    /// One pass, cancellable; updates bandwidth and byte counts.
+    /// Sets the vCPU throttle and records the step.
+    async fn set_throttle(&mut self, p: &mut Progress, pct: u8) -> Result<(), MigrateOutError> {
+        self.vmm.call("throttle", move |c| c.throttle(pct)).await?;
+        self.throttled = pct > 0;
+        p.throttle = pct;
+        let step = ThrottleStep {
+            at_ms: self.started.elapsed().as_millis() as u64,
+            percent: pct,
+            dirty_rate: p.dirty_rate,
+            bandwidth: p.bandwidth as u64,
+        };
+        info!(
+            throttle_pct = pct,
+            dirty_rate = step.dirty_rate,
+            bandwidth = step.bandwidth,
+            "auto-converge throttle"
+        );
+        update(self.handle, |r| {
+            r.throttle_pct = pct;
+            r.throttle_steps.push(step);
+        });
+        Ok(())
+    }
+
+    /// Sends one iteration over `pages` (plus known-zero ranges) as
+    /// transport passes of at most [`PASS_CHUNK_PAGES`], stopping early
+    /// when a switch to post-copy is requested.
+    async fn iteration(
+        &mut self,
+        p: &mut Progress,
+        pages: Vec<PageRange>,
+        zero: Vec<PageRange>,
+    ) -> Result<Iteration, MigrateOutError> {
+        let mut chunks = chunk_ranges(pages, PASS_CHUNK_PAGES).into_iter();
+        let mut zero = zero;
+        let mut guest_bytes = 0;
+        let mut first = true;
+        while let Some(chunk) = chunks.next() {
+            if !first && *self.ctx.switch.borrow() {
+                let mut unsent = DirtyBitmap::new(self.mem.layout().total_pages());
+                for r in std::iter::once(chunk).chain(chunks).flatten() {
+                    unsent.set_range(r.start.0, r.count);
+                }
+                return Ok(Iteration {
+                    guest_bytes,
+                    unsent: Some(unsent),
+                });
+            }
+            first = false;
+            guest_bytes += self.pass(p, &chunk, &std::mem::take(&mut zero)).await?;
+        }
+        if first {
+            // Nothing to send (or only zeros): still one pass, so the
+            // target hears about the zero ranges and the pass count moves.
+            guest_bytes += self.pass(p, &[], &zero).await?;
+        }
+        p.passes += 1;
+        Ok(Iteration {
+            guest_bytes,
+            unsent: None,
+        })
+    }
+
+    /// One transport pass, cancellable; updates bandwidth and byte counts
+    /// and returns the guest bytes it moved.
     async fn pass(
         &mut self,
         p: &mut Progress,
         pages: &[PageRange],
         zero: &[PageRange],
-    ) -> Result<(), MigrateOutError> {
+    ) -> Result<u64, MigrateOutError> {
         if *self.ctx.cancel.borrow() {
             return Err(MigrateOutError::Cancelled);
         }
@@ -445,7 +570,6 @@ impl Transfer<'_> {
                 0.5 * p.bandwidth + 0.5 * measured
             };
         }
-        p.passes += 1;
         p.bytes_sent += stats.wire_bytes;
         p.zero_pages += stats.zero_pages;
         info!(
@@ -456,7 +580,7 @@ impl Transfer<'_> {
             ms = (took * 1000.0) as u64,
             "pass sent"
         );
-        Ok(())
+        Ok(moved)
     }
 
     fn report(&self, p: &mut Progress, remaining: u64, expected: Duration, throttled: bool) {
@@ -497,6 +621,7 @@ impl Transfer<'_> {
         dirty.merge(&pending);
         let ranges = bitmap_ranges(&dirty);
         self.pass(&mut p, &ranges, &[]).await?;
+        p.passes += 1;
         let vm_state = self.vmm.call("save_state", |c| c.save_state()).await?;
         let mut digest_time = Duration::ZERO;
         let digest = if self.verify {
@@ -547,6 +672,40 @@ impl Transfer<'_> {
         Ok(())
     }
 
+    /// Pauses the guest and hands it to the target in post-copy: the
+    /// target runs it at once and fetches `pending` (plus whatever the
+    /// guest dirtied since the last fetch) from here.
+    async fn post_copy(
+        &mut self,
+        _p: Progress,
+        _pending: DirtyBitmap,
+        why: &'static str,
+    ) -> Result<(), MigrateOutError> {
+        Err(MigrateOutError::Internal {
+            what: format!("post-copy ({why}) is not available in this build"),
+        })
+    }
+
+    /// Takes the auto-converge throttle off (abort) and records it.
+    async fn remove_throttle(&mut self) {
+        match self.vmm.call("throttle", |c| c.throttle(0)).await {
+            Ok(()) => {
+                self.throttled = false;
+                let at_ms = self.started.elapsed().as_millis() as u64;
+                update(self.handle, |r| {
+                    r.throttle_pct = 0;
+                    r.throttle_steps.push(ThrottleStep {
+                        at_ms,
+                        percent: 0,
+                        dirty_rate: 0,
+                        bandwidth: 0,
+                    });
+                });
+            }
+            Err(e) => warn!(error = %crate::error_chain(&e), "cannot remove the vcpu throttle"),
+        }
+    }
+
     /// Undoes what the migration did to the guest here, best effort, and
     /// tells the target (if it still listens) why.
     async fn roll_back(&mut self, e: &MigrateOutError) {
@@ -556,6 +715,9 @@ impl Transfer<'_> {
                 .abort(&mut self.session, e.reason(), &e.to_string()),
         )
         .await;
+        if self.throttled {
+            self.remove_throttle().await;
+        }
         if self.logging {
             if let Err(e) = self
                 .vmm
@@ -572,6 +734,102 @@ impl Transfer<'_> {
             }
         }
     }
+}
+
+/// Auto-converge: decides the throttle after each iteration.
+struct AutoConverge {
+    enabled: bool,
+    step: AutoConvergeStep,
+    /// Iterations in a row that dirtied more than half of what they sent.
+    high: u32,
+    current: u8,
+}
+
+impl AutoConverge {
+    fn new(c: &MigrationConfiguration) -> Self {
+        Self {
+            enabled: c.allow_auto_converge,
+            step: c.auto_converge_step,
+            high: 0,
+            current: 0,
+        }
+    }
+
+    /// `sent`: guest bytes the last iteration sent; `dirtied`: bytes the
+    /// guest dirtied meanwhile; `bandwidth`: bytes/s. Returns a new
+    /// throttle when one is due.
+    fn next(&mut self, sent: u64, dirtied: u64, bandwidth: f64) -> Option<u8> {
+        if !self.enabled || self.current >= THROTTLE_MAX {
+            return None;
+        }
+        if (dirtied as f64) <= sent as f64 * THROTTLE_TRIGGER {
+            self.high = 0;
+            return None;
+        }
+        self.high += 1;
+        if self.high < THROTTLE_TRIGGER_COUNT {
+            return None;
+        }
+        self.high = 0;
+        let fixed = if self.current == 0 {
+            THROTTLE_INITIAL
+        } else {
+            self.current.saturating_add(THROTTLE_INCREMENT)
+        };
+        let next = match self.step {
+            AutoConvergeStep::Fixed => fixed,
+            AutoConvergeStep::Adaptive => fixed.max(adaptive_throttle(
+                self.current,
+                sent,
+                dirtied,
+                bandwidth,
+            )),
+        };
+        self.current = next.min(THROTTLE_MAX);
+        Some(self.current)
+    }
+}
+
+/// The throttle at which the guest would dirty at most half of what the
+/// link sends in the same time, from one iteration measured at throttle
+/// `current`. An iteration that sent `sent` bytes took `sent / bandwidth`
+/// seconds; the guest dirtied `dirtied` bytes in it while getting
+/// `100 - current` percent of its CPU time.
+fn adaptive_throttle(current: u8, sent: u64, dirtied: u64, bandwidth: f64) -> u8 {
+    if sent == 0 || dirtied == 0 || bandwidth <= 0.0 {
+        return 0;
+    }
+    let running = 1.0 - f64::from(current) / 100.0;
+    // Dirty bytes per byte sent, unthrottled.
+    let ratio = dirtied as f64 / sent as f64 / running.max(0.01);
+    let allowed = THROTTLE_TRIGGER / ratio;
+    let pct = ((1.0 - allowed) * 100.0).ceil();
+    pct.clamp(0.0, f64::from(THROTTLE_MAX)) as u8
+}
+
+/// Splits ranges into chunks of at most `max` pages each, in order.
+fn chunk_ranges(ranges: Vec<PageRange>, max: u64) -> Vec<Vec<PageRange>> {
+    let mut out = Vec::new();
+    let mut chunk = Vec::new();
+    let mut room = max;
+    for r in ranges {
+        let (mut start, mut count) = (r.start.0, r.count);
+        while count > 0 {
+            let take = count.min(room);
+            chunk.push(PageRange::new(start, take));
+            start += take;
+            count -= take;
+            room -= take;
+            if room == 0 {
+                out.push(std::mem::take(&mut chunk));
+                room = max;
+            }
+        }
+    }
+    if !chunk.is_empty() {
+        out.push(chunk);
+    }
+    out
 }
 
 fn bitmap_ranges(b: &DirtyBitmap) -> Vec<PageRange> {
@@ -604,6 +862,78 @@ mod tests {
             expected_downtime(100 << 20, (1u64 << 30) as f64),
             Duration::from_secs_f64(100.0 / 1024.0)
         );
+    }
+
+    fn config(step: AutoConvergeStep) -> MigrationConfiguration {
+        let mut c = crate::config::MigrationDefaults::default().resolve(&Default::default());
+        c.allow_auto_converge = true;
+        c.auto_converge_step = step;
+        c
+    }
+
+    #[test]
+    fn auto_converge_follows_qemus_trigger_and_steps() {
+        let mut a = AutoConverge::new(&config(AutoConvergeStep::Fixed));
+        let bw = 100e6;
+        // Dirtying at most half of what was sent never throttles.
+        for _ in 0..5 {
+            assert_eq!(a.next(100, 50, bw), None);
+        }
+        // Twice in a row above half: 20%, then +10% per two more.
+        assert_eq!(a.next(100, 60, bw), None);
+        assert_eq!(a.next(100, 60, bw), Some(20));
+        assert_eq!(a.next(100, 60, bw), None);
+        assert_eq!(a.next(100, 60, bw), Some(30));
+        // A good iteration resets the count.
+        assert_eq!(a.next(100, 10, bw), None);
+        assert_eq!(a.next(100, 60, bw), None);
+        assert_eq!(a.next(100, 60, bw), Some(40));
+        for _ in 0..40 {
+            a.next(100, 100, bw);
+        }
+        assert_eq!(a.current, THROTTLE_MAX);
+        assert_eq!(a.next(100, 100, bw), None);
+    }
+
+    #[test]
+    fn adaptive_jumps_to_the_needed_throttle() {
+        // Unthrottled, the guest dirties 4x what is sent: it must run at
+        // most 1/8 of the time to dirty half of it: 88% (ceil of 87.5).
+        assert_eq!(adaptive_throttle(0, 100, 400, 1e6), 88);
+        // The same guest measured at 50%: same answer.
+        assert_eq!(adaptive_throttle(50, 100, 200, 1e6), 88);
+        // Barely above the trigger: QEMU's step wins.
+        let mut a = AutoConverge::new(&config(AutoConvergeStep::Adaptive));
+        a.next(100, 51, 1e6);
+        assert_eq!(a.next(100, 51, 1e6), Some(THROTTLE_INITIAL));
+        let mut a = AutoConverge::new(&config(AutoConvergeStep::Adaptive));
+        a.next(100, 400, 1e6);
+        assert_eq!(a.next(100, 400, 1e6), Some(88));
+        // Disabled: never.
+        let mut c = config(AutoConvergeStep::Adaptive);
+        c.allow_auto_converge = false;
+        let mut a = AutoConverge::new(&c);
+        assert_eq!(a.next(1, 1000, 1e6), None);
+        assert_eq!(a.next(1, 1000, 1e6), None);
+    }
+
+    #[test]
+    fn chunks_cover_ranges_in_order() {
+        let ranges = vec![PageRange::new(0, 5), PageRange::new(10, 2), PageRange::new(20, 7)];
+        let chunks = chunk_ranges(ranges.clone(), 4);
+        assert!(chunks.iter().all(|c| c.iter().map(|r| r.count).sum::<u64>() <= 4));
+        let flat: Vec<u64> = chunks
+            .iter()
+            .flatten()
+            .flat_map(|r| r.start.0..r.start.0 + r.count)
+            .collect();
+        let want: Vec<u64> = ranges
+            .iter()
+            .flat_map(|r| r.start.0..r.start.0 + r.count)
+            .collect();
+        assert_eq!(flat, want);
+        assert_eq!(chunks.len(), 4);
+        assert!(chunk_ranges(Vec::new(), 4).is_empty());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use tracing::warn;
 
 use crate::config::MigrationDefaults;
 use crate::engine::{MigrationEngine, MigrationHandle};
-use crate::model::{AbortStatus, MigrationRecord};
+use crate::model::{AbortStatus, MigrationConfiguration, MigrationOverrides, MigrationRecord};
 use crate::outgoing::{self, OutgoingContext};
 use crate::peers::Peers;
 use crate::service::Service;
@@ -18,7 +18,13 @@ use crate::service::Service;
 /// Code of migrations started while this host has no TLS identity.
 pub const NO_IDENTITY: &str = "tls_unavailable";
 
-type Cancels = Arc<Mutex<HashMap<String, watch::Sender<bool>>>>;
+/// The user's signals to a running migration.
+struct Signals {
+    cancel: watch::Sender<bool>,
+    switch: watch::Sender<bool>,
+}
+
+type Cancels = Arc<Mutex<HashMap<String, Signals>>>;
 
 /// Pre-copy migrations to peers.
 pub struct PrecopyEngine {
@@ -54,7 +60,7 @@ impl PrecopyEngine {
         let _ = self.service.set(Arc::downgrade(service));
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<bool>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Signals>> {
         self.cancels.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -79,14 +85,26 @@ impl MigrationEngine for PrecopyEngine {
             fail_now(&handle, "internal", "migration engine is not attached");
             return;
         };
-        let (tx, cancel) = watch::channel(false);
-        self.lock().insert(record.name.clone(), tx);
+        let (cancel_tx, cancel) = watch::channel(false);
+        let (switch_tx, switch) = watch::channel(record.switch_requested);
+        self.lock().insert(
+            record.name.clone(),
+            Signals {
+                cancel: cancel_tx,
+                switch: switch_tx,
+            },
+        );
+        let config = record
+            .migration_configuration
+            .clone()
+            .unwrap_or_else(|| self.defaults.resolve(&Default::default()));
         let ctx = OutgoingContext {
             host: self.host.clone(),
             peers,
             service,
-            defaults: self.defaults.clone(),
+            config,
             cancel,
+            switch,
         };
         let cancels = self.cancels.clone();
         self.rt.spawn(async move {
@@ -99,11 +117,22 @@ impl MigrationEngine for PrecopyEngine {
         });
     }
 
+    fn configure(&self, options: &MigrationOverrides) -> Option<MigrationConfiguration> {
+        Some(self.defaults.resolve(options))
+    }
+
+    fn switch_to_post_copy(&self, handle: MigrationHandle) {
+        if let Some(signals) = self.lock().get(handle.name()) {
+            // Takes effect at the next transport pass boundary.
+            let _ = signals.switch.send(true);
+        }
+    }
+
     fn abort(&self, handle: MigrationHandle) {
-        if let Some(tx) = self.lock().get(handle.name()) {
+        if let Some(signals) = self.lock().get(handle.name()) {
             // The task stops at its next step, resumes the guest and
             // records the outcome (abort status included).
-            let _ = tx.send(true);
+            let _ = signals.cancel.send(true);
             return;
         }
         // Nothing runs for it (already finished): settle the abort.

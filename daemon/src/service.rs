@@ -14,8 +14,8 @@ use tracing::{info, warn};
 use crate::engine::{MigrationEngine, MigrationTable, UpdateMigrationError};
 use crate::model::{
     check_name, codes, AbortStatus, Condition, ConditionStatus, ConditionType, GuestCounters,
-    Health, InvalidNameError, InvalidSpecError, MigrationMethod, MigrationPhase, MigrationRecord,
-    MigrationRequest, Quantity, Timestamp, Vm, VmPhase, VmSpec, VmStatus,
+    Health, InvalidNameError, InvalidSpecError, MigrationMethod, MigrationMode, MigrationOverrides,
+    MigrationPhase, MigrationRecord, MigrationRequest, Quantity, Timestamp, Vm, VmPhase, VmSpec, VmStatus,
 };
 use crate::store::{
     DeleteRecordError, DesiredState, ListRecordsError, SaveRecordError, Store, VmRecord,
@@ -54,6 +54,14 @@ pub enum ServiceError {
     MigrationNotFound { name: String },
     #[error("migration {name} already finished ({phase})")]
     MigrationFinished { name: String, phase: MigrationPhase },
+    #[error("migration {name} is in post-copy: the guest already runs on {target} and its memory is split between both hosts, so it cannot be cancelled")]
+    CancelInPostCopy { name: String, target: String },
+    #[error("migration {name} cannot be resumed: {why}")]
+    NotResumable { name: String, why: String },
+    #[error("migration {name} is already in post-copy")]
+    AlreadyPostCopy { name: String },
+    #[error("invalid migration option {key}: {message}")]
+    InvalidOption { key: &'static str, message: String },
     #[error("cannot start vm {name}")]
     Launch {
         name: String,
@@ -81,7 +89,12 @@ impl ServiceError {
         match self {
             VmNotFound { .. } | MigrationNotFound { .. } => codes::NOT_FOUND,
             VmExists { .. } => codes::ALREADY_EXISTS,
-            InvalidSpec(_) | InvalidName(_) | TargetIsSelf { .. } => codes::INVALID_ARGUMENT,
+            InvalidSpec(_) | InvalidName(_) | TargetIsSelf { .. } | InvalidOption { .. } => {
+                codes::INVALID_ARGUMENT
+            }
+            CancelInPostCopy { .. } | AlreadyPostCopy { .. } | NotResumable { .. } => {
+                codes::CONFLICT
+            }
             VmNotRunning { .. } => codes::VM_NOT_RUNNING,
             VmBusy { .. } => codes::VM_BUSY,
             MigrationInProgress { .. } => codes::MIGRATION_IN_PROGRESS,
@@ -108,6 +121,9 @@ impl ServiceError {
             MigrationInProgress { migration, .. } => format!(
                 "only one migration per VM runs at a time; follow it with `migratectl describe migration {migration}`"
             ),
+            CancelInPostCopy { name, .. } => format!(
+                "wait for it to finish with `migratectl describe migration {name}`; if the link broke, `migratectl migrate --resume {name}` continues it"
+            ),
             UnknownHost { known, .. } if known.is_empty() => {
                 "no peers are configured: add the target under [peers] in the daemon's config".into()
             }
@@ -120,6 +136,27 @@ impl ServiceError {
             _ => return None,
         })
     }
+}
+
+/// Range checks of per-migration options (serde checked the types).
+fn check_options(o: &MigrationOverrides) -> Result<(), ServiceError> {
+    let positive = [
+        ("completionTimeoutPerGiB", o.completion_timeout_per_gib),
+        ("progressTimeout", o.progress_timeout),
+        (
+            "downtimeLimit",
+            o.downtime_limit.map(|d| d.get().as_millis() as u64),
+        ),
+    ];
+    for (key, v) in positive {
+        if v == Some(0) {
+            return Err(ServiceError::InvalidOption {
+                key,
+                message: "must be greater than 0".into(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// `busy` marker of a VM being received by migration.
@@ -533,6 +570,7 @@ impl Service {
 
     pub fn create_migration(&self, req: MigrationRequest) -> Result<MigrationRecord, ServiceError> {
         check_name("vm name", &req.vm)?;
+        check_options(&req.options)?;
         if req.target_host == self.host_name {
             return Err(ServiceError::TargetIsSelf {
                 host: req.target_host,
@@ -578,6 +616,7 @@ impl Service {
             let mut record =
                 MigrationRecord::new_pending(&req.vm, &self.host_name, &req.target_host, &address);
             record.verify = req.verify;
+            record.migration_configuration = self.engine.configure(&req.options);
             record.bytes_total = e.record.spec.memory.bytes();
             record.bytes_remaining = record.bytes_total;
             self.store
@@ -611,14 +650,81 @@ impl Service {
                 phase: current.phase,
             });
         }
+        if current.mode == MigrationMode::PostCopy {
+            return Err(ServiceError::CancelInPostCopy {
+                name: name.into(),
+                target: current.target_host,
+            });
+        }
         let handle = self.migrations.handle(name);
+        // The engine re-checks under the record's lock: a switch to
+        // post-copy racing with this cancel loses (see `outgoing`).
+        let mut in_post_copy = false;
         handle
             .update(|r| {
+                if r.mode == MigrationMode::PostCopy {
+                    in_post_copy = true;
+                    return;
+                }
                 r.abort_requested = true;
                 r.abort_status = Some(AbortStatus::Aborting);
             })
             .map_err(ServiceError::UpdateMigration)?;
+        if in_post_copy {
+            return Err(ServiceError::CancelInPostCopy {
+                name: name.into(),
+                target: current.target_host,
+            });
+        }
         self.engine.abort(handle);
+        self.get_migration(name)
+    }
+
+    /// Continues a post-copy migration whose link broke for longer than
+    /// the automatic reconnects lasted.
+    pub fn resume_migration(&self, name: &str) -> Result<MigrationRecord, ServiceError> {
+        let current = self.get_migration(name)?;
+        let resumable = current.phase == MigrationPhase::Failed
+            && current.mode == MigrationMode::PostCopy
+            && current.failure_code.as_deref() == Some(codes::POST_COPY_INTERRUPTED);
+        if !resumable {
+            return Err(ServiceError::NotResumable {
+                name: name.into(),
+                why: format!(
+                    "only a post-copy migration that failed with {} can be resumed; this one is {} ({})",
+                    codes::POST_COPY_INTERRUPTED,
+                    current.phase,
+                    current.failure_code.as_deref().unwrap_or("no failure"),
+                ),
+            });
+        }
+        let handle = self.migrations.handle(name);
+        self.engine
+            .resume(current, handle)
+            .map_err(|why| ServiceError::NotResumable {
+                name: name.into(),
+                why,
+            })?;
+        self.get_migration(name)
+    }
+
+    /// Asks the engine to switch a running pre-copy migration to post-copy.
+    pub fn switch_migration(&self, name: &str) -> Result<MigrationRecord, ServiceError> {
+        let current = self.get_migration(name)?;
+        if current.phase.is_final() {
+            return Err(ServiceError::MigrationFinished {
+                name: name.into(),
+                phase: current.phase,
+            });
+        }
+        if current.mode == MigrationMode::PostCopy {
+            return Err(ServiceError::AlreadyPostCopy { name: name.into() });
+        }
+        let handle = self.migrations.handle(name);
+        handle
+            .update(|r| r.switch_requested = true)
+            .map_err(ServiceError::UpdateMigration)?;
+        self.engine.switch_to_post_copy(handle);
         self.get_migration(name)
     }
 

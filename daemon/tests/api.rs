@@ -80,6 +80,7 @@ fn migrate(vm: &str, to: &str) -> MigrationRequest {
         vm: vm.into(),
         target_host: to.into(),
         verify: false,
+        options: Default::default(),
     }
 }
 

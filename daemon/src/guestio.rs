@@ -128,8 +128,10 @@ pub fn holes(data: &[std::ops::Range<u64>], total: u64) -> Vec<std::ops::Range<u
     out
 }
 
-const ENVELOPE_MAGIC: &[u8; 8] = b"MGDENV01";
-const ENVELOPE_HEADER: usize = 8 + 4 + 4 + 1 + 16;
+const ENVELOPE_MAGIC: &[u8; 8] = b"MGDENV02";
+/// Magic, two lengths, the digest (flag + 16 bytes), the post-copy
+/// digests (flag + 2 x 16 bytes).
+const ENVELOPE_HEADER: usize = 8 + 4 + 4 + 1 + 16 + 1 + 32;
 /// A VM spec is a few hundred bytes of JSON.
 const MAX_SPEC_BYTES: usize = 64 << 10;
 /// What the VMM accepts as a state blob.
@@ -144,6 +146,51 @@ pub struct StateEnvelope {
     pub vm_state: Vec<u8>,
     /// Digest of the source's memory while paused (verify mode only).
     pub digest: Option<Digest>,
+    /// Post-copy in verify mode: page-set digests of what the target
+    /// holds already and of what it still needs (see [`page_set_digest`]).
+    pub post_copy: Option<PostCopyDigests>,
+}
+
+/// Verification of a post-copy migration, which cannot compare whole
+/// memories: the guest runs on the target while pages still arrive. The
+/// target checks the pages it holds before it resumes the guest, and the
+/// pages it receives afterwards as each is installed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PostCopyDigests {
+    /// Pages the target already holds (not in the needed set).
+    pub present: u128,
+    /// Pages the target still needs, as they were on the paused source.
+    pub needed: u128,
+}
+
+/// Digest of one page for [`page_set_digest`].
+pub fn page_digest(index: u64, data: &[u8; PAGE_SIZE]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128_with_seed(data, index)
+}
+
+/// Order-independent digest of the pages `pick` selects: the wrapping sum
+/// of [`page_digest`] over them, so pages can be added as they arrive in
+/// any order. Holes of the memfd count as zero pages and are not read
+/// (on a post-copy target, reading a hole through the mapping would fill
+/// it and hide it from userfaultfd).
+pub fn page_set_digest(mem: &GuestMemory, pick: impl Fn(u64) -> bool) -> io::Result<u128> {
+    let total = mem.layout().total_pages();
+    let data = mem.data_ranges().map_err(io::Error::other)?;
+    let zero = [0u8; PAGE_SIZE];
+    let mut sum = 0u128;
+    for r in holes(&data, total) {
+        for i in r.filter(|&i| pick(i)) {
+            sum = sum.wrapping_add(page_digest(i, &zero));
+        }
+    }
+    let mut page = [0u8; PAGE_SIZE];
+    for r in data {
+        for i in r.filter(|&i| pick(i)) {
+            mem.read_page(i, &mut page).map_err(io::Error::other)?;
+            sum = sum.wrapping_add(page_digest(i, &page));
+        }
+    }
+    Ok(sum)
 }
 
 /// A state envelope that cannot be read.
@@ -174,6 +221,13 @@ impl StateEnvelope {
         out.extend_from_slice(&(self.vm_state.len() as u32).to_le_bytes());
         out.push(u8::from(self.digest.is_some()));
         out.extend_from_slice(&self.digest.map(|d| d.0).unwrap_or(0).to_le_bytes());
+        out.push(u8::from(self.post_copy.is_some()));
+        let pc = self.post_copy.unwrap_or(PostCopyDigests {
+            present: 0,
+            needed: 0,
+        });
+        out.extend_from_slice(&pc.present.to_le_bytes());
+        out.extend_from_slice(&pc.needed.to_le_bytes());
         out.extend_from_slice(&spec);
         out.extend_from_slice(&self.vm_state);
         out
@@ -207,14 +261,23 @@ impl StateEnvelope {
             return Err(DecodeEnvelopeError::Length);
         }
         let has_digest = bytes[16] != 0;
-        let mut d = [0u8; 16];
-        d.copy_from_slice(&bytes[17..33]);
+        let u128_at = |at: usize| {
+            let mut b = [0u8; 16];
+            b.copy_from_slice(&bytes[at..at + 16]);
+            u128::from_le_bytes(b)
+        };
+        let digest = u128_at(17);
+        let post_copy = (bytes[33] != 0).then(|| PostCopyDigests {
+            present: u128_at(34),
+            needed: u128_at(50),
+        });
         let body = &bytes[ENVELOPE_HEADER..];
         let spec = serde_json::from_slice(&body[..spec_len]).map_err(DecodeEnvelopeError::Spec)?;
         Ok(Self {
             spec,
             vm_state: body[spec_len..].to_vec(),
-            digest: has_digest.then_some(Digest(u128::from_le_bytes(d))),
+            digest: has_digest.then_some(Digest(digest)),
+            post_copy,
         })
     }
 }
@@ -236,14 +299,23 @@ mod tests {
 
     #[test]
     fn envelope_round_trips_and_rejects_garbage() {
-        for digest in [
-            None,
-            Some(Digest(0x1234_5678_9abc_def0_1122_3344_5566_7788)),
+        let pc = PostCopyDigests {
+            present: 3 << 100,
+            needed: 5,
+        };
+        for (digest, post_copy) in [
+            (None, None),
+            (
+                Some(Digest(0x1234_5678_9abc_def0_1122_3344_5566_7788)),
+                None,
+            ),
+            (Some(Digest(9)), Some(pc)),
         ] {
             let env = StateEnvelope {
                 spec: spec(),
                 vm_state: vec![7; 1000],
                 digest,
+                post_copy,
             };
             let bytes = env.encode();
             assert_eq!(StateEnvelope::decode(&bytes).unwrap(), env);
@@ -256,6 +328,7 @@ mod tests {
             spec: spec(),
             vm_state: vec![],
             digest: None,
+            post_copy: None,
         }
         .encode();
         huge[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
@@ -268,6 +341,33 @@ mod tests {
             StateEnvelope::decode(&huge),
             Err(DecodeEnvelopeError::Magic)
         ));
+    }
+
+    #[test]
+    fn page_set_digests_add_up_in_any_order() {
+        let layout = guestmem::MemoryLayout::for_size(4 << 20).unwrap();
+        let mem = GuestMemory::create("t", layout).unwrap();
+        let total = mem.layout().total_pages();
+        for i in [3u64, 4, 100, 777] {
+            mem.write_page(i, &[i as u8 + 1; PAGE_SIZE]).unwrap();
+        }
+        let all = page_set_digest(&mem, |_| true).unwrap();
+        let even = page_set_digest(&mem, |i| i % 2 == 0).unwrap();
+        let odd = page_set_digest(&mem, |i| i % 2 == 1).unwrap();
+        assert_eq!(even.wrapping_add(odd), all);
+        // Page by page, in reverse order, gives the same sum.
+        let mut sum = 0u128;
+        let mut page = [0u8; PAGE_SIZE];
+        for i in (0..total).rev() {
+            mem.read_page(i, &mut page).unwrap();
+            sum = sum.wrapping_add(page_digest(i, &page));
+        }
+        assert_eq!(sum, all);
+        // One changed byte, or the same data at another index, differs.
+        mem.write_page(100, &[0; PAGE_SIZE]).unwrap();
+        assert_ne!(page_set_digest(&mem, |_| true).unwrap(), all);
+        mem.write_page(101, &[101; PAGE_SIZE]).unwrap();
+        assert_ne!(page_set_digest(&mem, |_| true).unwrap(), all);
     }
 
     #[test]

@@ -363,8 +363,17 @@ struct Transfer<'a> {
 struct Iteration {
     /// Guest bytes of the pages it sent.
     guest_bytes: u64,
-    /// Set when a switch to post-copy cut it short: the pages not sent.
-    unsent: Option<DirtyBitmap>,
+    /// Set when it was cut short: why, and the pages it did not send.
+    cut: Option<(Cut, DirtyBitmap)>,
+}
+
+/// Why an iteration stopped before its end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cut {
+    /// The user asked for post-copy.
+    Switch,
+    /// The completion deadline passed.
+    Deadline,
 }
 
 /// Progress numbers carried from pass to pass.
@@ -403,11 +412,15 @@ impl Transfer<'_> {
         let zero = holes(&data, total);
         let mut p = Progress::default();
         let mut last_fetch = Instant::now();
+        let deadline = self.started + completion_timeout;
         let mut sent = self
-            .iteration(&mut p, page_ranges(data), page_ranges(zero))
+            .iteration(&mut p, page_ranges(data), page_ranges(zero), deadline)
             .await?;
-        if let Some(unsent) = sent.unsent {
-            return self.post_copy(p, unsent, "switch requested").await;
+        if let Some((why, unsent)) = sent.cut.take() {
+            // Pages of a cut iteration that were not sent are stale on the
+            // target; the ones it did send and the guest dirtied again
+            // come with the fetch after the pause.
+            return self.cut_short(p, why, unsent, completion_timeout).await;
         }
         if c.post_copy_now {
             return self
@@ -452,27 +465,40 @@ impl Transfer<'_> {
                     timeout: progress_timeout,
                 });
             }
-            if self.started.elapsed() >= completion_timeout {
-                if c.allow_post_copy {
-                    return self
-                        .post_copy(p, bitmap, "completion timeout reached")
-                        .await;
-                }
-                return Err(MigrateOutError::CompletionTimeout {
-                    timeout: completion_timeout,
-                });
+            if Instant::now() >= deadline {
+                return self
+                    .cut_short(p, Cut::Deadline, bitmap, completion_timeout)
+                    .await;
             }
             if let Some(pct) = converge.next(sent.guest_bytes, remaining, p.bandwidth) {
                 self.set_throttle(&mut p, pct).await?;
             }
             let ranges = bitmap_ranges(&bitmap);
-            sent = self.iteration(&mut p, ranges, Vec::new()).await?;
-            if let Some(unsent) = sent.unsent {
-                // Pages of the cut iteration that were not sent yet are
-                // stale on the target; the ones it did send and the guest
-                // dirtied again come with the fetch after the pause.
-                return self.post_copy(p, unsent, "switch requested").await;
+            sent = self.iteration(&mut p, ranges, Vec::new(), deadline).await?;
+            if let Some((why, unsent)) = sent.cut.take() {
+                return self.cut_short(p, why, unsent, completion_timeout).await;
             }
+        }
+    }
+
+    /// Pre-copy stopped before converging: post-copy if it was asked for
+    /// or is allowed, else the completion timeout.
+    async fn cut_short(
+        &mut self,
+        p: Progress,
+        why: Cut,
+        pending: DirtyBitmap,
+        completion_timeout: Duration,
+    ) -> Result<(), MigrateOutError> {
+        match why {
+            Cut::Switch => self.post_copy(p, pending, "switch requested").await,
+            Cut::Deadline if self.ctx.config.allow_post_copy => {
+                self.post_copy(p, pending, "completion timeout reached")
+                    .await
+            }
+            Cut::Deadline => Err(MigrateOutError::CompletionTimeout {
+                timeout: completion_timeout,
+            }),
         }
     }
 
@@ -501,27 +527,36 @@ impl Transfer<'_> {
     }
 
     /// Sends one iteration over `pages` (plus known-zero ranges) as
-    /// transport passes of at most [`PASS_CHUNK_PAGES`], stopping early
-    /// when a switch to post-copy is requested.
+    /// transport passes of at most [`PASS_CHUNK_PAGES`]. Stops early, at a
+    /// pass boundary, when a switch to post-copy is requested or
+    /// `deadline` passes.
     async fn iteration(
         &mut self,
         p: &mut Progress,
         pages: Vec<PageRange>,
         zero: Vec<PageRange>,
+        deadline: Instant,
     ) -> Result<Iteration, MigrateOutError> {
         let mut chunks = chunk_ranges(pages, PASS_CHUNK_PAGES).into_iter();
         let mut zero = zero;
         let mut guest_bytes = 0;
         let mut first = true;
         while let Some(chunk) = chunks.next() {
-            if !first && *self.ctx.switch.borrow() {
+            let cut = if *self.ctx.switch.borrow() {
+                Some(Cut::Switch)
+            } else if Instant::now() >= deadline {
+                Some(Cut::Deadline)
+            } else {
+                None
+            };
+            if let (Some(why), false) = (cut, first) {
                 let mut unsent = DirtyBitmap::new(self.mem.layout().total_pages());
                 for r in std::iter::once(chunk).chain(chunks).flatten() {
                     unsent.set_range(r.start.0, r.count);
                 }
                 return Ok(Iteration {
                     guest_bytes,
-                    unsent: Some(unsent),
+                    cut: Some((why, unsent)),
                 });
             }
             first = false;
@@ -529,13 +564,13 @@ impl Transfer<'_> {
         }
         if first {
             // Nothing to send (or only zeros): still one pass, so the
-            // target hears about the zero ranges and the pass count moves.
+            // target hears about the zero ranges.
             guest_bytes += self.pass(p, &[], &zero).await?;
         }
         p.passes += 1;
         Ok(Iteration {
             guest_bytes,
-            unsent: None,
+            cut: None,
         })
     }
 
@@ -641,6 +676,7 @@ impl Transfer<'_> {
             spec: self.spec.clone(),
             vm_state,
             digest,
+            post_copy: None,
         }
         .encode();
         self.driver

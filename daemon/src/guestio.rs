@@ -37,6 +37,11 @@ impl PageSink for GuestPages {
         self.0.punch_hole(start.0, count).map_err(io::Error::other)
     }
 
+    /// The base of an XOR delta: what the source sent before.
+    fn read_back(&self, index: PageIndex, out: &mut [u8; PAGE_SIZE]) -> io::Result<()> {
+        self.0.read_page(index.0, out).map_err(io::Error::other)
+    }
+
     fn write_pages(&mut self, first: PageIndex, data: &[u8]) -> io::Result<()> {
         let offset = first
             .0

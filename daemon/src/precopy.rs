@@ -22,6 +22,7 @@ pub const NO_IDENTITY: &str = "tls_unavailable";
 struct Signals {
     cancel: watch::Sender<bool>,
     switch: watch::Sender<bool>,
+    resume: watch::Sender<u32>,
 }
 
 type Cancels = Arc<Mutex<HashMap<String, Signals>>>;
@@ -87,11 +88,13 @@ impl MigrationEngine for PrecopyEngine {
         };
         let (cancel_tx, cancel) = watch::channel(false);
         let (switch_tx, switch) = watch::channel(record.switch_requested);
+        let (resume_tx, resume) = watch::channel(0);
         self.lock().insert(
             record.name.clone(),
             Signals {
                 cancel: cancel_tx,
                 switch: switch_tx,
+                resume: resume_tx,
             },
         );
         let config = record
@@ -105,6 +108,7 @@ impl MigrationEngine for PrecopyEngine {
             config,
             cancel,
             switch,
+            resume,
         };
         let cancels = self.cancels.clone();
         self.rt.spawn(async move {
@@ -125,6 +129,22 @@ impl MigrationEngine for PrecopyEngine {
         if let Some(signals) = self.lock().get(handle.name()) {
             // Takes effect at the next transport pass boundary.
             let _ = signals.switch.send(true);
+        }
+    }
+
+    fn resume(&self, record: MigrationRecord, handle: MigrationHandle) -> Result<(), String> {
+        let _ = handle;
+        match self.lock().get(&record.name) {
+            // The task parked after its reconnects failed; it redials.
+            Some(signals) => {
+                signals.resume.send_modify(|n| *n = n.wrapping_add(1));
+                Ok(())
+            }
+            None => Err(
+                "no task holds this migration's post-copy state any more (the daemon restarted); \
+                 the guest's pages are split between both hosts and cannot be joined automatically"
+                    .into(),
+            ),
         }
     }
 

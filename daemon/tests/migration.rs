@@ -567,3 +567,65 @@ async fn adaptive_auto_converge_converges_a_restless_guest() {
     // guest (far more dirtying than 4 MiB/s carries) is beyond QEMU's 20%.
     assert!(m.throttle_steps[0].percent > 20, "{:?}", m.throttle_steps);
 }
+
+/// Post-copy of a guest that pre-copy cannot converge: it runs on the
+/// target while its missing pages are fetched on fault and pushed.
+async fn post_copy(vm_name: &str, options: migrated::model::MigrationOverrides) {
+    let Some(vmm) = kvm_and_vmm() else { return };
+    let p = pair_with(&vmm, "bandwidth_per_migration = \"4Mi\"\nprogress_timeout = 60\n");
+    let vm = p.a.api.create_vm(&restless(vm_name)).await.unwrap();
+    let mut reaper = Reaper(vec![vm.status.pid.unwrap()]);
+    let before = passes_above(&p.a.api, vm_name, 0).await;
+    let m =
+        p.a.api
+            .create_migration(&MigrationRequest {
+                vm: vm_name.into(),
+                target_host: "host-b".into(),
+                verify: true,
+                options,
+            })
+            .await
+            .unwrap();
+    let m = finished(&p.a.api, &m.name, Duration::from_secs(150)).await;
+    assert_eq!(m.phase, MigrationPhase::Succeeded, "{m:?}");
+    assert_eq!(m.mode, migrated::model::MigrationMode::PostCopy, "{m:?}");
+    assert!(m.remote_faults > 0, "no remote fault: {m:?}");
+    assert!(m.post_copy_pages > 0, "{m:?}");
+    assert!(m.actual_downtime_ms.is_some() && m.post_copy_start_timestamp.is_some(), "{m:?}");
+    eprintln!(
+        "MEASURED post-copy {vm_name}: switchover downtime {:?} ms, {} remote faults, {} pages after switchover, fault p50/p99 {:?}/{:?} us",
+        m.actual_downtime_ms, m.remote_faults, m.post_copy_pages, m.fault_latency_p50_us, m.fault_latency_p99_us
+    );
+    // The guest carries on at B, its self-check intact, and is gone from A.
+    let on_b = p.b.api.get_vm(vm_name).await.unwrap();
+    assert_eq!(on_b.status.phase, VmPhase::Running, "{:?}", on_b.status);
+    reaper.0.push(on_b.status.pid.unwrap());
+    passes_above(&p.b.api, vm_name, before + 2).await;
+    assert!(p.a.api.get_vm(vm_name).await.is_err());
+    assert!(gone(vm.status.pid.unwrap()));
+}
+
+#[tokio::test]
+async fn post_copy_at_the_completion_timeout_moves_a_restless_guest() {
+    post_copy(
+        "eager",
+        migrated::model::MigrationOverrides {
+            allow_post_copy: Some(true),
+            completion_timeout_per_gib: Some(3),
+            ..Default::default()
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn post_copy_now_moves_a_guest_after_its_first_pass() {
+    post_copy(
+        "hasty",
+        migrated::model::MigrationOverrides {
+            post_copy_now: true,
+            ..Default::default()
+        },
+    )
+    .await;
+}

@@ -21,6 +21,9 @@ use transport::session::{DestOptions, DestinationSession, PageSink};
 use vmm::control::ControlClient;
 
 use crate::guestio::{to_guest_layout, GuestPages, StateEnvelope};
+
+mod postcopy;
+use postcopy::{Outcome, PostCopy, Resumable};
 use crate::model::Quantity;
 use crate::outgoing::DIGEST_MISMATCH;
 use crate::service::Service;
@@ -30,24 +33,43 @@ use crate::supervisor::{check_host_memory, LaunchError, VmBackend, VmmSupervisor
 /// Accepts peers until the endpoint closes; each peer's migrations run in
 /// their own tasks.
 pub async fn accept_loop(endpoint: Endpoint, service: Arc<Service>, vmm: VmmSupervisor) {
+    let resumable = Resumable::default();
     while let Some(accepted) = endpoint.accept().await {
         let Ok(conn) = accepted else {
             continue; // already logged by the endpoint
         };
-        let (service, vmm) = (service.clone(), vmm.clone());
-        tokio::spawn(async move { serve_peer(conn, service, vmm).await });
+        let (service, vmm, resumable) = (service.clone(), vmm.clone(), resumable.clone());
+        tokio::spawn(async move { serve_peer(conn, service, vmm, resumable).await });
     }
 }
 
-async fn serve_peer(conn: PeerConnection, service: Arc<Service>, vmm: VmmSupervisor) {
+async fn serve_peer(
+    conn: PeerConnection,
+    service: Arc<Service>,
+    vmm: VmmSupervisor,
+    resumable: Resumable,
+) {
     loop {
         match conn.accept_migration().await {
             Ok(streams) => {
-                let (service, vmm) = (service.clone(), vmm.clone());
+                // A post-copy whose link broke takes its new streams.
+                let waiting = resumable
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&streams.id)
+                    .cloned();
+                if let Some(tx) = waiting {
+                    info!(peer = %conn.peer(), "source reconnected to a post-copy migration");
+                    let _ = tx.send(streams).await;
+                    continue;
+                }
+                let (service, vmm, resumable) = (service.clone(), vmm.clone(), resumable.clone());
                 let peer = conn.peer().to_string();
                 tokio::spawn(async move {
                     let span = info_span!("migration", role = "target", %peer);
-                    receive(streams, service, vmm).instrument(span).await
+                    receive(streams, service, vmm, resumable)
+                        .instrument(span)
+                        .await
                 });
             }
             Err(e) => {
@@ -77,6 +99,16 @@ impl PageSink for Incoming {
     ) -> std::io::Result<()> {
         self.get()?.write_zero(start, count)
     }
+    fn read_back(
+        &self,
+        index: transport::layout::PageIndex,
+        out: &mut [u8; transport::layout::PAGE_SIZE],
+    ) -> std::io::Result<()> {
+        self.0
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("no guest memory yet"))?
+            .read_back(index, out)
+    }
     fn write_pages(
         &mut self,
         first: transport::layout::PageIndex,
@@ -95,14 +127,20 @@ impl Incoming {
 }
 
 /// The guest being received, for clean-up.
-struct Prepared {
+pub(crate) struct Prepared {
     name: String,
     paths: VmPaths,
     pid: u32,
     mem: Arc<GuestMemory>,
 }
 
-async fn receive(streams: DestinationStreams, service: Arc<Service>, vmm: VmmSupervisor) {
+async fn receive(
+    streams: DestinationStreams,
+    service: Arc<Service>,
+    vmm: VmmSupervisor,
+    resumable: Resumable,
+) {
+    let id = streams.id;
     let mut session = DestinationSession::new(DestOptions::default());
     let mut driver = DestinationDriver::new(streams);
     let mut sink = Incoming(None);
@@ -170,6 +208,29 @@ async fn receive(streams: DestinationStreams, service: Arc<Service>, vmm: VmmSup
                     }
                     info!("incoming migration complete; guest running");
                     return Ok(());
+                }
+                DestEvent::SwitchedOver { postcopy: true } => {
+                    let p = prepared.as_ref().ok_or("switchover before hello")?;
+                    let blob = state.take().ok_or("switchover without state")?;
+                    let outcome = PostCopy {
+                        session: &mut session,
+                        driver,
+                        prepared: p,
+                        blob,
+                        service: service.clone(),
+                        id,
+                        resumable: resumable.clone(),
+                    }
+                    .run()
+                    .await;
+                    return match outcome {
+                        Outcome::Complete => {
+                            prepared = None;
+                            info!("incoming post-copy migration complete");
+                            Ok(())
+                        }
+                        Outcome::FailedBeforeResume(message) => Err(message),
+                    };
                 }
                 other => return Err(format!("unexpected {other:?}")),
             }

@@ -24,7 +24,7 @@ use transport::limiter::{BytesPerSecond, RateLimiter};
 use transport::session::{SourceError, SourceOptions, SourceSession};
 use vmm::control::{CallError, ControlClient};
 
-use crate::model::{AutoConvergeStep, MigrationConfiguration, MigrationMode, ThrottleStep};
+use crate::model::{AutoConvergeStep, MigrationConfiguration, ThrottleStep};
 use crate::engine::MigrationHandle;
 use crate::guestio::{
     holes, page_ranges, to_wire_layout, ConvertLayoutError, GuestPages, StateEnvelope,
@@ -32,6 +32,8 @@ use crate::guestio::{
 use crate::model::{AbortStatus, MigrationPhase, MigrationRecord, Timestamp};
 use crate::peers::{ConnectPeerError, Peers};
 use crate::service::Service;
+
+mod postcopy;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// What a target's abort message says when verification failed.
@@ -156,6 +158,8 @@ pub struct OutgoingContext {
     pub cancel: watch::Receiver<bool>,
     /// Becomes true when the user asks for post-copy now.
     pub switch: watch::Receiver<bool>,
+    /// Changes when the user asks to resume an interrupted post-copy.
+    pub resume: watch::Receiver<u32>,
 }
 
 /// A VMM control connection shared with blocking threads.
@@ -251,7 +255,7 @@ async fn migrate(
     // Nothing has touched the guest yet: a cancel just drops the attempt
     // (the target cleans up when the streams go).
     let mut cancel = ctx.cancel.clone();
-    let (session, driver) = tokio::select! {
+    let (session, driver, limiter) = tokio::select! {
         r = open_target(ctx, record, handle, layout, &pages) => r?,
         _ = cancel.wait_for(|c| *c) => return Err(MigrateOutError::Cancelled),
     };
@@ -265,12 +269,15 @@ async fn migrate(
         pages,
         session,
         driver,
+        limiter,
+        record: record.clone(),
         verify: record.verify,
         spec: vm.spec,
         started: Instant::now(),
         paused: false,
         logging: false,
         throttled: false,
+        committed: false,
     };
     let result = run.precopy().await;
     if let Err(e) = &result {
@@ -297,6 +304,11 @@ async fn migrate(
     Ok(())
 }
 
+/// The wire id of a migration (its uid's 128 bits).
+fn migration_id(record: &MigrationRecord) -> MigrationId {
+    MigrationId(u128::from_str_radix(&record.uid.replace('-', ""), 16).unwrap_or(0))
+}
+
 /// Connects to the target, opens the migration's streams and says hello.
 async fn open_target(
     ctx: &OutgoingContext,
@@ -304,14 +316,14 @@ async fn open_target(
     handle: &MigrationHandle,
     layout: transport::layout::MemoryLayout,
     pages: &GuestPages,
-) -> Result<(SourceSession, SourceDriver), MigrateOutError> {
+) -> Result<(SourceSession, SourceDriver, RateLimiter), MigrateOutError> {
     update(handle, |r| r.phase = MigrationPhase::PreparingTarget);
     let conn = ctx
         .peers
         .connect(&record.target_host)
         .await
         .map_err(MigrateOutError::Connect)?;
-    let id = MigrationId(u128::from_str_radix(&record.uid.replace('-', ""), 16).unwrap_or(0));
+    let id = migration_id(record);
     let streams = conn
         .open_migration(id, BULK_STREAMS)
         .await
@@ -323,6 +335,9 @@ async fn open_target(
             migration_id: record.name.clone(),
             vm_name: record.vm.clone(),
             max_streams: BULK_STREAMS,
+            // Offered always: a switch to post-copy can be asked for at
+            // any time, and the target's answer says whether it can.
+            postcopy: true,
             ..SourceOptions::default()
         },
     )
@@ -333,12 +348,12 @@ async fn open_target(
         0 => RateLimiter::unlimited(),
         n => RateLimiter::new(BytesPerSecond(n)),
     };
-    let mut driver = SourceDriver::new(streams, limiter);
+    let mut driver = SourceDriver::new(streams, limiter.clone());
     driver
         .handshake(&mut session, pages)
         .await
         .map_err(MigrateOutError::from_driver)?;
-    Ok((session, driver))
+    Ok((session, driver, limiter))
 }
 
 /// One migration after the handshake.
@@ -350,6 +365,9 @@ struct Transfer<'a> {
     pages: GuestPages,
     session: SourceSession,
     driver: SourceDriver,
+    /// Shared by every driver of this migration (reconnects included).
+    limiter: RateLimiter,
+    record: MigrationRecord,
     verify: bool,
     spec: crate::model::VmSpec,
     started: Instant,
@@ -357,6 +375,9 @@ struct Transfer<'a> {
     logging: bool,
     /// Auto-converge has the vCPUs throttled.
     throttled: bool,
+    /// The post-copy switchover was sent: the target may run the guest,
+    /// so nothing here may resume it any more.
+    committed: bool,
 }
 
 /// What one iteration did.
@@ -708,20 +729,6 @@ impl Transfer<'_> {
         Ok(())
     }
 
-    /// Pauses the guest and hands it to the target in post-copy: the
-    /// target runs it at once and fetches `pending` (plus whatever the
-    /// guest dirtied since the last fetch) from here.
-    async fn post_copy(
-        &mut self,
-        _p: Progress,
-        _pending: DirtyBitmap,
-        why: &'static str,
-    ) -> Result<(), MigrateOutError> {
-        Err(MigrateOutError::Internal {
-            what: format!("post-copy ({why}) is not available in this build"),
-        })
-    }
-
     /// Takes the auto-converge throttle off (abort) and records it.
     async fn remove_throttle(&mut self) {
         match self.vmm.call("throttle", |c| c.throttle(0)).await {
@@ -745,6 +752,12 @@ impl Transfer<'_> {
     /// Undoes what the migration did to the guest here, best effort, and
     /// tells the target (if it still listens) why.
     async fn roll_back(&mut self, e: &MigrateOutError) {
+        if self.committed {
+            // Post-copy: the target may be running the guest; pausing it
+            // here for good is the only safe thing (see `postcopy`).
+            warn!(error = %e, "post-copy failed after the switchover; the guest stays paused here");
+            return;
+        }
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
             self.driver

@@ -1,14 +1,24 @@
 //! The VMM's [`ControlHandler`]: maps control requests onto the
 //! [`Machine`], and in `restore --wait-state` mode holds the inherited memfd
 //! until a Restore request brings the state to build the guest from.
+//!
+//! Post-copy: a Userfaultfd request (before Restore) registers the prepared
+//! VM's mapping of guest RAM with a userfaultfd and passes a dup to the
+//! daemon. From then on every access to a missing page, by a vCPU, by KVM
+//! or by this process (Status reads the counters from guest RAM, Restore
+//! may read the workload layout), waits until the daemon installs it; so
+//! the daemon serves faults concurrently with its control calls. The VMM
+//! keeps its own copy of the fd until UserfaultfdRelease: if the daemon
+//! dies mid post-copy, faulting vCPUs wait for a restarted daemon (which
+//! asks for the fd again) instead of the kernel resolving the missing
+//! pages as zeros when the last fd closes.
 
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
-use guestmem::GuestMemory;
-use guestmem::MemoryLayout;
+use guestmem::{GuestMemory, MemoryLayout, PagerRegion, Userfaultfd};
 use tracing::{debug, info, warn};
 
 use crate::control::{ControlHandler, ErrorCode, Reply, Request, RunState, VmStatus};
@@ -26,6 +36,9 @@ enum Slot {
         /// A VM created ahead of the state over the memfd's standard
         /// layout; used when the state's layout is that one.
         prepared: Option<Vm>,
+        /// `prepared`'s mapping is registered with the userfaultfd, so the
+        /// guest must run on it: no other mapping would fault to the daemon.
+        registered: bool,
     },
     Ready(Arc<Machine>),
 }
@@ -35,8 +48,17 @@ pub struct VmmHandler {
     name: String,
     started: Instant,
     slot: Mutex<Slot>,
+    /// Post-copy registration, kept from the Userfaultfd request until
+    /// UserfaultfdRelease. Lock order: `slot` before `uffd`.
+    uffd: Mutex<Option<Registration>>,
     /// Set once a Shutdown request was answered.
     shutdown: (Mutex<bool>, Condvar),
+}
+
+/// The VMM's copy of the userfaultfd and where each region is registered.
+struct Registration {
+    uffd: Userfaultfd,
+    regions: Vec<PagerRegion>,
 }
 
 /// Joins an error and its sources into one line.
@@ -83,6 +105,7 @@ impl VmmHandler {
                 memfd,
                 serial_log,
                 prepared,
+                registered: false,
             },
         )
     }
@@ -92,6 +115,7 @@ impl VmmHandler {
             name,
             started: Instant::now(),
             slot: Mutex::new(slot),
+            uffd: Mutex::new(None),
             shutdown: (Mutex::new(false), Condvar::new()),
         }
     }
@@ -184,6 +208,7 @@ impl VmmHandler {
             memfd,
             serial_log,
             prepared,
+            registered,
         } = &mut *slot
         else {
             return Reply::error(ErrorCode::WrongState, "not waiting for state");
@@ -192,6 +217,18 @@ impl VmmHandler {
             Ok(s) => s,
             Err(e) => return Reply::error(ErrorCode::BadState, error_chain(&e)),
         };
+        if *registered
+            && prepared
+                .as_ref()
+                .is_none_or(|vm| vm.memory().layout() != &state.layout)
+        {
+            // Checked before anything is consumed, so a refused state
+            // leaves the registered VM for a correct one.
+            return Reply::error(
+                ErrorCode::BadState,
+                "state layout differs from the memory registered for post-copy",
+            );
+        }
         // Work on duplicates so that a refused state leaves the VMM able to
         // take another Restore.
         let dup_err = |what: &str, e: std::io::Error| {
@@ -233,6 +270,69 @@ impl VmmHandler {
     }
 }
 
+impl VmmHandler {
+    fn registration(&self) -> MutexGuard<'_, Option<Registration>> {
+        self.uffd.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Userfaultfd request: registers on the first call (only while waiting
+    /// for state), then hands out dups of the same fd.
+    fn userfaultfd(&self) -> Reply {
+        let mut slot = self.slot();
+        let mut reg = self.registration();
+        if reg.is_none() {
+            let Slot::Waiting {
+                memfd,
+                prepared,
+                registered,
+                ..
+            } = &mut *slot
+            else {
+                return Reply::error(
+                    ErrorCode::WrongState,
+                    "post-copy registration must precede restore",
+                );
+            };
+            if prepared.is_none() {
+                *prepared = prepare_vm(memfd);
+            }
+            let Some(vm) = prepared.as_ref() else {
+                return Reply::error(
+                    ErrorCode::Internal,
+                    "cannot create the VM whose memory post-copy registers",
+                );
+            };
+            let uffd = match Userfaultfd::create() {
+                Ok(u) => u,
+                Err(e) => return Reply::error(ErrorCode::Unsupported, error_chain(&e)),
+            };
+            let regions = match uffd.register_memory(vm.memory()) {
+                Ok(r) => r,
+                Err(e) => return Reply::error(ErrorCode::Unsupported, error_chain(&e)),
+            };
+            *registered = true;
+            info!(
+                regions = regions.len(),
+                "guest memory registered for post-copy"
+            );
+            *reg = Some(Registration { uffd, regions });
+        }
+        let r = reg.as_ref().expect("registered above");
+        match r.uffd.as_fd().try_clone_to_owned() {
+            Ok(fd) => Reply::userfaultfd(r.regions.clone(), fd),
+            Err(e) => Reply::error(ErrorCode::Internal, format!("cannot dup userfaultfd: {e}")),
+        }
+    }
+
+    /// UserfaultfdRelease: drop our copy; idempotent.
+    fn release_userfaultfd(&self) -> Reply {
+        if self.registration().take().is_some() {
+            info!("post-copy userfaultfd released");
+        }
+        Reply::ok()
+    }
+}
+
 /// Creates the VM (KVM VM, irqchip, PIT, memory slots) over the memfd's
 /// standard layout before the state arrives. Best effort: on any error the
 /// Restore request builds everything itself.
@@ -263,8 +363,11 @@ impl ControlHandler for VmmHandler {
         if self.shutting_down() {
             return Reply::error(ErrorCode::WrongState, "shutting down");
         }
-        if let Request::Restore = req {
-            return self.restore(&attachment);
+        match req {
+            Request::Restore => return self.restore(&attachment),
+            Request::Userfaultfd => return self.userfaultfd(),
+            Request::UserfaultfdRelease => return self.release_userfaultfd(),
+            _ => {}
         }
         let Some(m) = self.machine() else {
             return Reply::error(
@@ -301,7 +404,11 @@ impl ControlHandler for VmmHandler {
                 Err(e) => Reply::error(ErrorCode::Internal, format!("cannot dup memfd: {e}")),
             },
             // Answered before the guest lookup.
-            Request::Status | Request::Shutdown | Request::Restore => {
+            Request::Status
+            | Request::Shutdown
+            | Request::Restore
+            | Request::Userfaultfd
+            | Request::UserfaultfdRelease => {
                 Reply::error(ErrorCode::Internal, "request routed wrongly")
             }
         }
@@ -434,6 +541,52 @@ mod tests {
         assert_eq!(counter(&m, 0), at_save);
         c.resume().unwrap();
         wait_counter_above(&m, 0, at_save);
+        m.shutdown();
+    }
+
+    /// Registration before Restore, dups after it, release; no page is
+    /// missing here, so nothing faults (the post-copy test punches pages).
+    #[test]
+    fn userfaultfd_requests_follow_the_lifecycle() {
+        if !kvm_available_or_skip() {
+            return;
+        }
+        let src = test_machine(1, false);
+        wait_counter_above(&src, 0, 10);
+        src.pause().unwrap();
+        let blob = src.save().unwrap().to_bytes();
+        let layout = src.memory().layout().clone();
+        let memfd = src.memory().fd().try_clone_to_owned().unwrap();
+        src.shutdown();
+
+        let dir = tempfile::tempdir().unwrap();
+        let log = tempfile::tempfile().unwrap();
+        let (h, mut c) = start(VmmHandler::waiting_for_state("d", memfd, log), dir.path());
+        let (fd, regions) = match c.userfaultfd() {
+            Ok(r) => r,
+            Err(e) if e.code() == Some(ErrorCode::Unsupported) => {
+                panic!("userfaultfd unsupported on a KVM host: {e}")
+            }
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(regions.len(), 1);
+        assert_eq!((regions[0].first_index, regions[0].pages), (0, 512));
+        let pager = guestmem::Pager::new(fd, &layout, regions.clone()).unwrap();
+        let (_fd2, again) = c.userfaultfd().unwrap();
+        assert_eq!(again, regions, "later calls describe the same registration");
+
+        c.restore(&blob).unwrap();
+        c.resume().unwrap();
+        let m = h.machine().unwrap();
+        wait_counter_above(&m, 0, counter(&m, 0));
+        let mut faults = Vec::new();
+        assert_eq!(pager.read_faults(&mut faults).unwrap(), 0, "{faults:?}");
+        c.userfaultfd_release().unwrap();
+        c.userfaultfd_release().unwrap();
+        assert_eq!(
+            c.userfaultfd().unwrap_err().code(),
+            Some(ErrorCode::WrongState)
+        );
         m.shutdown();
     }
 }

@@ -6,7 +6,9 @@
 //! * dirty-log fetch for 1 GiB and 8 GiB guests (while the guest dirties);
 //! * zero-page scan next to memcpy over the same resident buffer;
 //! * guest boot to first counter, in-process and as a `migrate-vmm` process
-//!   driven through its control socket.
+//!   driven through its control socket;
+//! * post-copy fault service: a guest whose RAM is all punched out runs on
+//!   pages a thread installs with UFFDIO_COPY (local copy, no network).
 //!
 //! Needs /dev/kvm. Each figure is the median of `--reps` runs.
 
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use guestmem::{is_zero_page, GuestMemory, MemoryLayout, PAGE_SIZE};
+use guestmem::{is_zero_page, GuestMemory, MemoryLayout, Pager, Userfaultfd, PAGE_SIZE};
 use vmm::control::ControlClient;
 use vmm::machine::Machine;
 use vmm::state::VmState;
@@ -39,6 +41,9 @@ struct Args {
     /// measure memory, not cache.
     #[arg(long, default_value_t = 2048)]
     scan_mib: usize,
+    /// Run only the post-copy fault rows.
+    #[arg(long)]
+    postcopy_only: bool,
 }
 
 struct Row {
@@ -325,12 +330,119 @@ fn bench_boot_process(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
     Ok(())
 }
 
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted
+        .get(((sorted.len().saturating_sub(1)) as f64 * p).round() as usize)
+        .copied()
+        .unwrap_or_default()
+}
+
+/// A 256 MiB, 2 vCPU guest dirtying 64 MiB flat out is paused, every data
+/// page punched out of its memfd and the mapping registered with a
+/// userfaultfd; a thread serves the faults from a copy until each vCPU has
+/// made one more pass. Latency is fault read to UFFDIO_COPY done.
+fn bench_postcopy(rows: &mut Vec<Row>) -> Result<()> {
+    use std::os::fd::AsFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let m = boot(256 << 20, 2, 64 << 20, DirtyRate::Max)?;
+    wait_first_pass(&m, Duration::from_secs(60))?;
+    m.pause().context("pause")?;
+    let before: Vec<u64> = m.counters().iter().map(|c| c.passes).collect();
+    let mem = m.memory();
+    let copy = GuestMemory::create("vmm-bench-copy", mem.layout().clone()).context("copy")?;
+    let mut buf = vec![0u8; PAGE_SIZE];
+    let ranges = mem.data_ranges().context("data ranges")?;
+    for r in &ranges {
+        for i in r.clone() {
+            let off = i * PAGE_SIZE as u64;
+            mem.read_at(off, &mut buf).context("read")?;
+            copy.write_at(off, &buf).context("write")?;
+        }
+        mem.punch_hole(r.start, r.end - r.start).context("punch")?;
+    }
+    let uffd = Userfaultfd::create().context("userfaultfd")?;
+    let regions = uffd.register_memory(mem).context("register")?;
+    let pager = Pager::new(uffd.into_fd(), mem.layout(), regions).context("pager")?;
+    let stop = AtomicBool::new(false);
+    let t0 = Instant::now();
+    let lat = std::thread::scope(|s| -> Result<Vec<Duration>> {
+        let server = s.spawn(|| -> Result<Vec<Duration>> {
+            let mut lat = Vec::new();
+            let mut pending = Vec::new();
+            let mut page = vec![0u8; PAGE_SIZE];
+            while !stop.load(Ordering::Acquire) {
+                let mut fds = [nix::poll::PollFd::new(
+                    pager.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                let _ = nix::poll::poll(&mut fds, 20u16);
+                pending.clear();
+                pager.read_faults(&mut pending)?;
+                let t = Instant::now();
+                for &i in &pending {
+                    copy.read_at(i * PAGE_SIZE as u64, &mut page)?;
+                    pager.install(i, &page)?;
+                    lat.push(t.elapsed());
+                }
+            }
+            Ok(lat)
+        });
+        let r = m.resume().context("resume").and_then(|()| {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                let now = m.counters();
+                if now.iter().zip(&before).all(|(c, b)| c.passes > *b) {
+                    if now.iter().any(|c| c.corrupt > 0) {
+                        bail!("guest saw corruption: {now:?}");
+                    }
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    bail!("no pass on served pages within 120 s");
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        m.shutdown();
+        stop.store(true, Ordering::Release);
+        let lat = server.join().expect("fault server panicked")?;
+        r.map(|()| lat)
+    })?;
+    let took = t0.elapsed();
+    let mut sorted = lat;
+    sorted.sort();
+    let note = format!(
+        "{} faults in {:.2} s ({:.0}/s), max {:?}; 256 MiB, 2 vCPUs, all RAM missing",
+        sorted.len(),
+        took.as_secs_f64(),
+        sorted.len() as f64 / took.as_secs_f64(),
+        sorted.last().copied().unwrap_or_default()
+    );
+    let us = |d: Duration| format!("{:.1} us", d.as_secs_f64() * 1e6);
+    rows.push(Row {
+        what: "postcopy fault: read to installed, p50".into(),
+        value: us(percentile(&sorted, 0.5)),
+        note: note.clone(),
+    });
+    rows.push(Row {
+        what: "postcopy fault: read to installed, p99".into(),
+        value: us(percentile(&sorted, 0.99)),
+        note,
+    });
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     if args.reps == 0 {
         bail!("--reps must be at least 1");
     }
     let mut rows = Vec::new();
+    if args.postcopy_only {
+        bench_postcopy(&mut rows).context("post-copy benchmark")?;
+        print_rows(&rows);
+        return Ok(());
+    }
     for vcpus in [1, 4] {
         bench_state(&mut rows, vcpus, args.reps)
             .with_context(|| format!("state benchmark, {vcpus} vCPUs"))?;
@@ -342,13 +454,17 @@ fn main() -> Result<()> {
     bench_scan(&mut rows, args.scan_mib, args.reps);
     bench_boot_in_process(&mut rows, args.reps.min(5)).context("boot benchmark")?;
     bench_boot_process(&mut rows, args.reps.min(5)).context("process boot benchmark")?;
+    bench_postcopy(&mut rows).context("post-copy benchmark")?;
+    print_rows(&rows);
+    Ok(())
+}
 
+fn print_rows(rows: &[Row]) {
     let w0 = rows.iter().map(|r| r.what.len()).max().unwrap_or(0);
     let w1 = rows.iter().map(|r| r.value.len()).max().unwrap_or(0);
     println!("| {:w0$} | {:>w1$} | notes", "measurement", "median");
     println!("|{}|{}|------", "-".repeat(w0 + 2), "-".repeat(w1 + 2));
-    for r in &rows {
+    for r in rows {
         println!("| {:w0$} | {:>w1$} | {}", r.what, r.value, r.note);
     }
-    Ok(())
 }

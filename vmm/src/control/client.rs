@@ -7,7 +7,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use guestmem::{BitmapError, DirtyBitmap, GuestMemory, GuestMemoryError, MemoryLayout};
+use guestmem::{
+    BitmapError, DirtyBitmap, GuestMemory, GuestMemoryError, MemoryLayout, PagerRegion,
+};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 
 use super::{
@@ -45,8 +47,8 @@ pub enum CallError {
         request: &'static str,
         got: &'static str,
     },
-    #[error("memory reply carried no file descriptor")]
-    MissingFd,
+    #[error("{request} reply carried no file descriptor")]
+    MissingFd { request: &'static str },
     #[error("dirty bitmap attachment is invalid")]
     Bitmap(#[source] BitmapError),
     #[error("cannot map guest memory from the vmm's memfd")]
@@ -70,6 +72,7 @@ fn response_name(r: &Response) -> &'static str {
         Response::Bitmap { .. } => "bitmap",
         Response::State => "state",
         Response::Memory { .. } => "memory",
+        Response::Userfaultfd { .. } => "userfaultfd",
         Response::Error { .. } => "error",
     }
 }
@@ -274,7 +277,12 @@ impl ControlClient {
     pub fn get_memory(&mut self) -> Result<(MemoryLayout, OwnedFd), CallError> {
         let reply = self.call_ok(&Request::GetMemory, &[])?;
         match reply.response {
-            Response::Memory { layout } => Ok((layout, reply.fd.ok_or(CallError::MissingFd)?)),
+            Response::Memory { layout } => {
+                let fd = reply.fd.ok_or(CallError::MissingFd {
+                    request: "get_memory",
+                })?;
+                Ok((layout, fd))
+            }
             other => Err(CallError::Unexpected {
                 request: "get_memory",
                 got: response_name(&other),
@@ -298,6 +306,30 @@ impl ControlClient {
                 got: response_name(&other),
             }),
         }
+    }
+
+    /// Post-copy: the VMM's userfaultfd for guest RAM (close-on-exec) and
+    /// where each region lives in the VMM, for [`guestmem::Pager::new`].
+    /// The first call registers the memory; it must come before `restore`.
+    pub fn userfaultfd(&mut self) -> Result<(OwnedFd, Vec<PagerRegion>), CallError> {
+        let reply = self.call_ok(&Request::Userfaultfd, &[])?;
+        match reply.response {
+            Response::Userfaultfd { regions } => {
+                let fd = reply.fd.ok_or(CallError::MissingFd {
+                    request: "userfaultfd",
+                })?;
+                Ok((fd, regions))
+            }
+            other => Err(CallError::Unexpected {
+                request: "userfaultfd",
+                got: response_name(&other),
+            }),
+        }
+    }
+
+    /// Post-copy is complete: the VMM drops its copy of the userfaultfd.
+    pub fn userfaultfd_release(&mut self) -> Result<(), CallError> {
+        self.expect_ok(Request::UserfaultfdRelease)
     }
 
     pub fn shutdown(&mut self) -> Result<(), CallError> {

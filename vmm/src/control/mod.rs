@@ -1,7 +1,7 @@
 //! The control socket between the daemon (or `migratectl`-like tools and
 //! tests) and one VMM process: a unix stream socket carrying JSON requests
 //! and replies, with a binary attachment (dirty bitmap, state blob) and,
-//! for `GetMemory`, the guest memfd passed with SCM_RIGHTS. Byte layouts
+//! for `GetMemory` and `Userfaultfd`, an fd passed with SCM_RIGHTS. Byte layouts
 //! and the request list are in `vmm/CONTROL.md`.
 //!
 //! ```text
@@ -28,7 +28,7 @@
 mod client;
 mod server;
 
-use guestmem::{DirtyBitmap, MemoryLayout};
+use guestmem::{DirtyBitmap, MemoryLayout, PagerRegion};
 use serde::{Deserialize, Serialize};
 use std::os::fd::OwnedFd;
 
@@ -67,6 +67,15 @@ pub enum Request {
     GetMemory,
     /// The attachment is a [`VmState`] blob; only in `restore --wait-state`.
     Restore,
+    /// Post-copy: register guest RAM with a userfaultfd (first call, in
+    /// `restore --wait-state` before Restore) and pass a dup of it with
+    /// where each region lives in the VMM. Later calls pass another dup of
+    /// the same fd (re-attach after a daemon restart).
+    Userfaultfd,
+    /// Post-copy is over (every page installed): the VMM closes its own
+    /// copy of the userfaultfd, so registration ends when the daemon
+    /// closes its copy.
+    UserfaultfdRelease,
     Shutdown,
 }
 
@@ -84,6 +93,8 @@ impl Request {
             Request::SaveState => "save_state",
             Request::GetMemory => "get_memory",
             Request::Restore => "restore",
+            Request::Userfaultfd => "userfaultfd",
+            Request::UserfaultfdRelease => "userfaultfd_release",
             Request::Shutdown => "shutdown",
         }
     }
@@ -109,6 +120,10 @@ pub enum Response {
     /// Comes with the memfd as SCM_RIGHTS ancillary data.
     Memory {
         layout: MemoryLayout,
+    },
+    /// Comes with the userfaultfd as SCM_RIGHTS ancillary data.
+    Userfaultfd {
+        regions: Vec<PagerRegion>,
     },
     Error {
         code: ErrorCode,
@@ -258,6 +273,14 @@ impl Reply {
             response: Response::Memory { layout },
             attachment: Vec::new(),
             fd: Some(memfd),
+        }
+    }
+
+    pub fn userfaultfd(regions: Vec<PagerRegion>, uffd: OwnedFd) -> Self {
+        Self {
+            response: Response::Userfaultfd { regions },
+            attachment: Vec::new(),
+            fd: Some(uffd),
         }
     }
 }

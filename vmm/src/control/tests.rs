@@ -65,6 +65,8 @@ fn requests_and_responses_round_trip_through_json() {
         Request::SaveState,
         Request::GetMemory,
         Request::Restore,
+        Request::Userfaultfd,
+        Request::UserfaultfdRelease,
         Request::Shutdown,
     ];
     for r in reqs {
@@ -98,6 +100,15 @@ fn requests_and_responses_round_trip_through_json() {
             ..
         }
     ));
+    let uffd = Response::Userfaultfd {
+        regions: vec![guestmem::PagerRegion {
+            first_index: 0,
+            pages: 512,
+            host_addr: 0x7f00_0000_0000,
+        }],
+    };
+    let json = serde_json::to_string(&uffd).unwrap();
+    assert_eq!(serde_json::from_str::<Response>(&json).unwrap(), uffd);
     let st = Response::Status(sample_status());
     let back: Response = serde_json::from_slice(&serde_json::to_vec(&st).unwrap()).unwrap();
     assert_eq!(back, st);

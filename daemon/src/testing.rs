@@ -130,4 +130,16 @@ impl MigrationEngine for HoldingEngine {
             r.fail("aborted", "migration was cancelled");
         });
     }
+
+    fn configure(
+        &self,
+        options: &crate::model::MigrationOverrides,
+    ) -> Option<crate::model::MigrationConfiguration> {
+        Some(crate::config::MigrationDefaults::default().resolve(options))
+    }
+
+    /// Switches at once (a real engine does at its next pass boundary).
+    fn switch_to_post_copy(&self, handle: MigrationHandle) {
+        let _ = handle.update(|r| r.mode = crate::model::MigrationMode::PostCopy);
+    }
 }

@@ -437,3 +437,53 @@ async fn socket_binding_replaces_stale_but_not_live_sockets() {
     let entries: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().collect();
     assert_eq!(entries.len(), 1);
 }
+
+#[tokio::test]
+async fn options_switch_and_cancel_in_post_copy() {
+    use migrated::model::{MigrationMode, MigrationOverrides};
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FakeBackend::default());
+    let engine = Arc::new(HoldingEngine::default());
+    let d = Daemon::start(tmp.path(), backend.clone(), engine.clone()).await;
+    let c = &d.client;
+    c.create_vm(&spec("db")).await.unwrap();
+
+    // Out-of-range options are refused before anything starts.
+    let mut req = migrate("db", "host-b");
+    req.options.progress_timeout = Some(0);
+    let (status, code, msg, _) = api_err(c.create_migration(&req).await.unwrap_err());
+    assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, "invalid_argument"));
+    assert!(msg.contains("progressTimeout"), "{msg}");
+    assert!(engine.started().is_empty());
+
+    // The record shows what the migration runs with: defaults + options.
+    req.options = MigrationOverrides {
+        allow_auto_converge: Some(true),
+        bandwidth_per_migration: Some(Quantity::mib(64)),
+        ..Default::default()
+    };
+    let m = c.create_migration(&req).await.unwrap();
+    let conf = m.migration_configuration.clone().expect("configuration");
+    assert!(conf.allow_auto_converge && !conf.allow_post_copy);
+    assert_eq!(conf.bandwidth_per_migration, Quantity::mib(64));
+    assert_eq!((conf.completion_timeout_per_gib, conf.progress_timeout), (800, 150));
+
+    // Resume is only for an interrupted post-copy.
+    let (status, code, msg, _) = api_err(c.resume_migration(&m.name).await.unwrap_err());
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "conflict"));
+    assert!(msg.contains("post_copy_interrupted"), "{msg}");
+
+    // Switch to post-copy; from then on cancel is refused with the reason.
+    let switched = c.switch_migration(&m.name).await.unwrap();
+    assert!(switched.switch_requested);
+    assert_eq!(switched.mode, MigrationMode::PostCopy);
+    let (status, code, msg, hint) = api_err(c.cancel_migration(&m.name).await.unwrap_err());
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "conflict"));
+    assert!(msg.contains("post-copy") && msg.contains("host-b"), "{msg}");
+    assert!(hint.unwrap().contains("describe migration"));
+    let after = c.get_migration(&m.name).await.unwrap();
+    assert!(!after.abort_requested && !after.phase.is_final(), "{after:?}");
+    let (status, ..) = api_err(c.switch_migration(&m.name).await.unwrap_err());
+    assert_eq!(status, StatusCode::CONFLICT);
+    d.stop().await;
+}

@@ -5,6 +5,11 @@
 //! down, also after an error or Ctrl-C: a demo that leaves guests running
 //! behind is worse than one that fails.
 //!
+//! `--strategy` and the tuning flags travel with the migration as its
+//! options, so the record shows what the run used. A failed migration is a
+//! scenario too: if the guest never ran on the target, the demo shows it
+//! still running on the source before it exits 1 with the reason.
+//!
 //! With `--output json` only the final migration record goes to stdout, so
 //! scripts and the end-to-end tests can read it; the narrative goes to
 //! stderr.
@@ -18,16 +23,17 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use migrated::client::ApiClient;
 use migrated::config::Config;
 use migrated::model::{
-    DirtyMode, DirtyRate, GuestCounters, MigrationPhase, MigrationRequest, Quantity, VmPhase,
-    VmSpec, WorkloadSpec,
+    codes, DirtyMode, DirtyRate, GuestCounters, MigrationOverrides, MigrationPhase, Quantity,
+    VmPhase, VmSpec, WorkloadSpec,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use crate::request::{self, Strategy, TuningArgs};
 use crate::{cert, render, ModeArg, Output};
 
 const HOST_A: &str = "node-a";
@@ -57,9 +63,23 @@ pub struct DemoArgs {
     dirty_rate: DirtyRate,
     #[arg(long, value_enum, default_value_t = ModeArg::Sparse)]
     mode: ModeArg,
+    /// What the migration may do when passes stop converging.
+    #[arg(long, value_enum, default_value_t = Strategy::AutoConverge)]
+    strategy: Strategy,
+    #[command(flatten)]
+    tuning: TuningArgs,
     /// Keep the temp dir (configs, logs, certificates) and print its path.
     #[arg(long)]
     keep: bool,
+}
+
+impl DemoArgs {
+    /// The per-migration options the demo sends: its strategy and knobs,
+    /// so the record shows them in `migrationConfiguration`.
+    pub fn overrides(&self) -> MigrationOverrides {
+        let (auto_converge, post_copy) = self.strategy.allows();
+        request::overrides(auto_converge, post_copy, &self.tuning)
+    }
 }
 
 /// Where the narrative goes: stdout for people, stderr when stdout is
@@ -210,9 +230,9 @@ fn host_config(
     c.peers
         .insert(peer.into(), format!("127.0.0.1:{peer_port}"));
     // Loopback is fast: the production default cap (64Mi/s) would only
-    // make the demo slow, and auto-converge keeps a busy guest converging.
+    // make the demo slow. `--bandwidth` brings a cap back per migration;
+    // the strategy, too, travels with the migration rather than here.
     c.migration.bandwidth_per_migration = Quantity(0);
-    c.migration.allow_auto_converge = true;
     let text = toml::to_string(&c).context("cannot encode the demo config")?;
     std::fs::create_dir_all(&home).with_context(|| format!("cannot create {}", home.display()))?;
     let path = home.join("config.toml");
@@ -278,14 +298,18 @@ async fn scenario(c: &mut Cluster, bins: &Binaries, a: &DemoArgs, output: Output
     ));
     watch_counters(&client_a, HOST_A, say).await?;
 
+    let options = a.overrides();
     say.line(format_args!(
-        "migrating {VM_NAME} {HOST_A} -> {HOST_B} with memory verification"
+        "migrating {VM_NAME} {HOST_A} -> {HOST_B} with memory verification, strategy {}{}",
+        a.strategy
+            .to_possible_value()
+            .map(|v| v.get_name().to_owned())
+            .unwrap_or_default(),
+        serde_json::to_string(&options)
+            .map(|o| format!(", options {o}"))
+            .unwrap_or_default()
     ));
-    let req = MigrationRequest {
-        vm: VM_NAME.into(),
-        target_host: HOST_B.into(),
-        verify: true,
-    };
+    let req = request::migration_request(VM_NAME.into(), HOST_B.into(), true, options);
     let mut m = client_a
         .create_migration(&req)
         .await
@@ -306,12 +330,40 @@ async fn scenario(c: &mut Cluster, bins: &Binaries, a: &DemoArgs, output: Output
         ),
     }
     if m.phase != MigrationPhase::Succeeded {
-        bail!(
-            "migration {} {}: {}",
+        let why = format!(
+            "migration {} {} ({}): {}",
             m.name,
             m.phase,
+            m.failure_code.as_deref().unwrap_or("no code"),
             m.failure_reason.as_deref().unwrap_or("no reason recorded")
         );
+        if m.post_copy_start_timestamp.is_none() {
+            // Until the guest has run on the target, a failed migration
+            // must leave it where it was, running and intact (also when it
+            // failed while switching to post-copy): show that before
+            // reporting the failure.
+            say.line(format_args!(
+                "{why}; checking that the guest kept running on {HOST_A}"
+            ));
+            watch_counters(&client_a, HOST_A, say)
+                .await
+                .with_context(|| format!("{why}, and the guest is not running on {HOST_A}"))?;
+            say.line(format_args!("the guest kept running on {HOST_A}"));
+        } else {
+            let resume = if m.failure_code.as_deref() == Some(codes::POST_COPY_INTERRUPTED) {
+                format!(
+                    " (outside the demo, `migratectl migrate --resume {}` continues it)",
+                    m.name
+                )
+            } else {
+                String::new()
+            };
+            say.line(format_args!(
+                "{why}; the guest already ran on {HOST_B} in post-copy, so its memory is split \
+                 between the hosts{resume}"
+            ));
+        }
+        bail!("{why}");
     }
     match digests {
         Some(true) => say.line("memory digests of source and destination match"),
@@ -336,12 +388,8 @@ async fn scenario(c: &mut Cluster, bins: &Binaries, a: &DemoArgs, output: Output
         }
     }
     say.line(format_args!(
-        "done: {VM_NAME} moved with {} ms downtime, {} sent in {} passes",
-        m.actual_downtime_ms
-            .map(|v| v.to_string())
-            .unwrap_or_else(|| "?".into()),
-        render::bytes(m.bytes_sent),
-        m.passes
+        "done: {VM_NAME} moved to {HOST_B}: {}",
+        render::summary(&m)
     ));
     Ok(())
 }

@@ -9,6 +9,7 @@
 mod cert;
 mod demo;
 mod render;
+mod request;
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -56,7 +57,12 @@ enum Command {
     /// Create, list, inspect, stop, start and delete VMs.
     #[command(subcommand)]
     Vm(VmCommand),
-    /// Live-migrate a VM to a peer host.
+    /// Live-migrate a VM to a peer host, or resume an interrupted
+    /// post-copy migration.
+    #[command(
+        override_usage = "migratectl migrate [OPTIONS] <VM> --to <HOST>\n       \
+                                migratectl migrate --resume <MIGRATION> [--wait]"
+    )]
     Migrate(MigrateArgs),
     /// List objects.
     #[command(subcommand)]
@@ -64,7 +70,17 @@ enum Command {
     /// Show one object in detail.
     #[command(subcommand)]
     Describe(DescribeCommand),
-    /// Cancel a pending or running migration.
+    /// Switch a running pre-copy migration to post-copy: the guest moves
+    /// to the target now and the rest of its memory follows on demand.
+    Switch {
+        /// Migration name (see `migratectl get migrations`).
+        migration: String,
+        /// Follow the migration with a progress bar until it ends.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Cancel a pending or running pre-copy migration (a migration in
+    /// post-copy cannot be cancelled: the guest already runs on the target).
     Cancel {
         /// Migration name (see `migratectl get migrations`).
         migration: String,
@@ -133,10 +149,19 @@ struct CreateArgs {
 #[derive(Args, Debug)]
 struct MigrateArgs {
     /// The VM to move.
-    vm: String,
+    #[arg(required_unless_present = "resume")]
+    vm: Option<String>,
     /// Target host, as named in the daemon's [peers].
-    #[arg(long)]
-    to: String,
+    #[arg(long, value_name = "HOST", required_unless_present = "resume")]
+    to: Option<String>,
+    /// Continue MIGRATION, a post-copy migration that failed because the
+    /// link to the target broke (failure code post_copy_interrupted).
+    #[arg(
+        long,
+        value_name = "MIGRATION",
+        conflicts_with_all = ["vm", "to", "verify", "allow_auto_converge", "allow_post_copy", "TuningArgs"]
+    )]
+    resume: Option<String>,
     /// Follow the migration with a progress bar until it ends.
     #[arg(long)]
     wait: bool,
@@ -144,6 +169,31 @@ struct MigrateArgs {
     /// (memoryDigestMatched in the record).
     #[arg(long)]
     verify: bool,
+    /// Throttle the guest's vCPUs when passes stop converging
+    /// (--allow-auto-converge=false to forbid it).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    allow_auto_converge: Option<bool>,
+    /// Switch to post-copy when passes stop converging
+    /// (--allow-post-copy=false to forbid it).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    allow_post_copy: Option<bool>,
+    #[command(flatten)]
+    tuning: request::TuningArgs,
+}
+
+impl MigrateArgs {
+    /// The body of a new migration; `None` for `--resume`.
+    fn request(&self) -> Option<MigrationRequest> {
+        let (Some(vm), Some(to)) = (&self.vm, &self.to) else {
+            return None;
+        };
+        Some(request::migration_request(
+            vm.clone(),
+            to.clone(),
+            self.verify,
+            request::overrides(self.allow_auto_converge, self.allow_post_copy, &self.tuning),
+        ))
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -285,6 +335,7 @@ async fn run(cli: Cli) -> Result<()> {
             let m = c.get_migration(&name).await?;
             print(out, &m, || render::describe_migration(&m))
         }
+        Command::Switch { migration, wait } => switch(&c, out, &migration, wait).await,
         Command::Cancel { migration } => {
             let m = c.cancel_migration(&migration).await?;
             print(out, &m, || {
@@ -304,23 +355,55 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 async fn migrate(c: &ApiClient, out: Output, a: MigrateArgs) -> Result<()> {
-    let req = MigrationRequest {
-        vm: a.vm,
-        target_host: a.to,
-        verify: a.verify,
+    let mut m = match (&a.resume, a.request()) {
+        (Some(name), _) => {
+            let m = c.resume_migration(name).await?;
+            if out == Output::Table {
+                println!("migration {} resumed: phase {}", m.name, m.phase);
+            }
+            m
+        }
+        (None, Some(req)) => {
+            let m = c.create_migration(&req).await?;
+            if out == Output::Table {
+                println!(
+                    "migration {} created: {} -> {}",
+                    m.name, m.source_host, m.target_host
+                );
+            }
+            m
+        }
+        // clap requires VM and --to unless --resume is given.
+        (None, None) => bail!("give a VM and --to, or --resume MIGRATION"),
     };
-    let mut m = c.create_migration(&req).await?;
-    if out == Output::Table {
-        println!(
-            "migration {} created: {} -> {}",
-            m.name, m.source_host, m.target_host
-        );
-    }
     if a.wait && !m.phase.is_final() {
         m = follow(c, &m.name).await?;
     }
+    finish(out, &m)
+}
+
+/// `switch`: asks for post-copy, then reports like `migrate`.
+async fn switch(c: &ApiClient, out: Output, name: &str, wait: bool) -> Result<()> {
+    let mut m = c.switch_migration(name).await?;
+    if out == Output::Table {
+        println!(
+            "migration {} switch to post-copy requested; phase {}, mode {}",
+            m.name,
+            m.phase,
+            render::mode(m.mode)
+        );
+    }
+    if wait && !m.phase.is_final() {
+        m = follow(c, &m.name).await?;
+    }
+    finish(out, &m)
+}
+
+/// Prints a migration that may or may not have ended, and turns a failed
+/// one into an error (exit 1).
+fn finish(out: Output, m: &MigrationRecord) -> Result<()> {
     if out != Output::Table || m.phase.is_final() {
-        print(out, &m, || render::describe_migration(&m))?;
+        print(out, m, || render::describe_migration(m))?;
     }
     match m.phase {
         MigrationPhase::Failed => bail!(
@@ -353,7 +436,7 @@ async fn follow(c: &ApiClient, name: &str) -> Result<MigrationRecord> {
         ProgressBar::hidden()
     };
     bar.set_style(
-        ProgressStyle::with_template("{prefix:>15} [{bar:30}] {percent:>3}% {msg}")
+        ProgressStyle::with_template("{prefix:>26} [{bar:30}] {percent:>3}% {msg}")
             .context("bad progress template")?
             .progress_chars("=> "),
     );
@@ -368,16 +451,9 @@ async fn follow(c: &ApiClient, name: &str) -> Result<MigrationRecord> {
             .with_context(|| format!("lost track of migration {name}"))?;
         bar.set_length(m.bytes_total.max(1));
         bar.set_position(m.bytes_sent.min(m.bytes_total));
-        bar.set_prefix(format!("{} pass {}", m.phase, m.passes));
-        bar.set_message(format!(
-            "remaining {}  {}  throttle {}%  expected downtime {}",
-            render::bytes(m.bytes_remaining),
-            render::rate(m.bandwidth),
-            m.throttle_pct,
-            m.expected_downtime_ms
-                .map(|v| format!("{v} ms"))
-                .unwrap_or_else(|| "-".into()),
-        ));
+        let (prefix, msg) = render::progress(&m);
+        bar.set_prefix(prefix);
+        bar.set_message(msg);
         if m.phase.is_final() {
             bar.finish_and_clear();
             return Ok(m);

@@ -4,7 +4,10 @@
 use std::fmt::Write as _;
 use std::time::SystemTime;
 
-use migrated::model::{ConditionStatus, MigrationRecord, Timestamp, Vm};
+use migrated::model::{
+    ConditionStatus, MigrationConfiguration, MigrationMode, MigrationRecord, ThrottleStep,
+    Timestamp, Vm,
+};
 use serde_json::Value;
 
 /// `1536` → `1.5 KiB`; exact small values stay in bytes.
@@ -25,6 +28,22 @@ pub fn bytes(n: u64) -> String {
 
 pub fn rate(bytes_per_sec: u64) -> String {
     format!("{}/s", bytes(bytes_per_sec))
+}
+
+/// The guest page size every count of pages in a record refers to.
+const PAGE_SIZE: u64 = 4096;
+
+/// `PreCopy` / `PostCopy`, as the record's JSON spells it.
+pub fn mode(m: MigrationMode) -> &'static str {
+    match m {
+        MigrationMode::PreCopy => "PreCopy",
+        MigrationMode::PostCopy => "PostCopy",
+    }
+}
+
+/// `1234` ms → `1.2s`: the offset of a throttle step into the migration.
+fn offset(ms: u64) -> String {
+    format!("{}.{}s", ms / 1000, ms % 1000 / 100)
 }
 
 /// Age like kubectl: `45s`, `12m`, `3h`, `2d`.
@@ -123,6 +142,7 @@ pub fn migration_table(ms: &[MigrationRecord]) -> String {
                 m.name.clone(),
                 m.vm.clone(),
                 m.phase.to_string(),
+                mode(m.mode).to_string(),
                 m.source_host.clone(),
                 m.target_host.clone(),
                 format!("{:.0}%", m.percent_sent()),
@@ -131,7 +151,9 @@ pub fn migration_table(ms: &[MigrationRecord]) -> String {
         })
         .collect();
     table(
-        &["NAME", "VM", "PHASE", "SOURCE", "TARGET", "SENT", "AGE"],
+        &[
+            "NAME", "VM", "PHASE", "MODE", "SOURCE", "TARGET", "SENT", "AGE",
+        ],
         &rows,
     )
 }
@@ -145,8 +167,14 @@ fn ms(v: Option<u64>) -> String {
         .unwrap_or_else(|| "<none>".into())
 }
 
+fn us(v: Option<u64>) -> String {
+    v.map(|v| format!("{v} us"))
+        .unwrap_or_else(|| "<none>".into())
+}
+
 /// `describe migration`: the record as KubeVirt's `migrationState` block,
-/// then the progress counters.
+/// then the progress counters, post-copy numbers, throttle steps and the
+/// settings it ran with.
 pub fn describe_migration(m: &MigrationRecord) -> String {
     let mut o = String::new();
     let mut kv = |indent: usize, k: &str, v: String| {
@@ -186,7 +214,10 @@ pub fn describe_migration(m: &MigrationRecord) -> String {
         "Abort Status",
         opt(m.abort_status.map(|s| format!("{s:?}"))),
     );
-    kv("Mode", format!("{:?}", m.mode));
+    kv("Mode", mode(m.mode).into());
+    if m.switch_requested {
+        kv("Switch Requested", "true".into());
+    }
     kv("Source Node", m.source_host.clone());
     kv("Target Node", m.target_host.clone());
     kv("Target Node Address", m.target_address.clone());
@@ -202,12 +233,149 @@ pub fn describe_migration(m: &MigrationRecord) -> String {
     );
     kv("Memory Remaining", bytes(m.bytes_remaining));
     kv("Zero Pages", m.zero_pages.to_string());
+    kv("Delta Pages", m.delta_pages.to_string());
     kv("Dirty Rate", rate(m.dirty_rate));
     kv("Bandwidth", rate(m.bandwidth));
     kv("Throttle", format!("{}%", m.throttle_pct));
     kv("Expected Downtime", ms(m.expected_downtime_ms));
     kv("Actual Downtime", ms(m.actual_downtime_ms));
+    if m.mode == MigrationMode::PostCopy || m.post_copy_start_timestamp.is_some() {
+        o.push_str("Post-Copy:\n");
+        let mut kv = |k: &str, v: String| {
+            let _ = writeln!(o, "  {:<22} {v}", format!("{k}:"));
+        };
+        kv("Started", opt(m.post_copy_start_timestamp));
+        // The guest's pause in post-copy is the switchover alone.
+        kv("Switchover Downtime", ms(m.actual_downtime_ms));
+        kv("Remote Faults", m.remote_faults.to_string());
+        kv("Fault Latency p50", us(m.fault_latency_p50_us));
+        kv("Fault Latency p99", us(m.fault_latency_p99_us));
+        kv("Pushed Pages", m.post_copy_pages.to_string());
+        kv("Reconnects", m.reconnects.to_string());
+    }
+    if !m.throttle_steps.is_empty() {
+        o.push_str("Throttle Steps:\n");
+        o.push_str(&indent(&throttle_table(&m.throttle_steps), 2));
+    }
+    if let Some(c) = &m.migration_configuration {
+        o.push_str(&describe_configuration(c));
+    }
     o
+}
+
+/// Auto-converge's throttle changes: when, how much, and the dirty rate
+/// and bandwidth that made it step.
+pub fn throttle_table(steps: &[ThrottleStep]) -> String {
+    let rows: Vec<Vec<String>> = steps
+        .iter()
+        .map(|s| {
+            vec![
+                offset(s.at_ms),
+                format!("{}%", s.percent),
+                rate(s.dirty_rate),
+                rate(s.bandwidth),
+            ]
+        })
+        .collect();
+    table(&["TIME", "PERCENT", "DIRTY-RATE", "BANDWIDTH"], &rows)
+}
+
+/// The `Configuration:` block: the settings the migration ran with.
+fn describe_configuration(c: &MigrationConfiguration) -> String {
+    let mut o = String::from("Configuration:\n");
+    let mut kv = |k: &str, v: String| {
+        let _ = writeln!(o, "  {:<22} {v}", format!("{k}:"));
+    };
+    kv("Allow Auto-Converge", c.allow_auto_converge.to_string());
+    kv("Auto-Converge Step", c.auto_converge_step.to_string());
+    kv("Allow Post-Copy", c.allow_post_copy.to_string());
+    kv("Post-Copy Now", c.post_copy_now.to_string());
+    kv(
+        "Completion Timeout",
+        format!("{}s per GiB", c.completion_timeout_per_gib),
+    );
+    kv("Progress Timeout", format!("{}s", c.progress_timeout));
+    kv(
+        "Bandwidth Limit",
+        if c.bandwidth_per_migration.bytes() == 0 {
+            "unlimited".into()
+        } else {
+            format!("{}/s", c.bandwidth_per_migration)
+        },
+    );
+    kv("Downtime Limit", c.downtime_limit.to_string());
+    kv(
+        "Keepalive",
+        format!("{} x {}", c.keepalive_interval, c.keepalive_count),
+    );
+    o
+}
+
+/// Every line of `text` shifted right by `n` spaces.
+fn indent(text: &str, n: usize) -> String {
+    text.lines().map(|l| format!("{:n$}{l}\n", "")).collect()
+}
+
+/// The progress bar's prefix and message for `--wait`: mode and throttle
+/// while pre-copy runs; pages left and remote faults in post-copy.
+pub fn progress(m: &MigrationRecord) -> (String, String) {
+    let prefix = format!("{} {} pass {}", m.phase, mode(m.mode), m.passes);
+    let msg = match m.mode {
+        MigrationMode::PreCopy => format!(
+            "remaining {}  {}  throttle {}% ({} steps)  expected downtime {}",
+            bytes(m.bytes_remaining),
+            rate(m.bandwidth),
+            m.throttle_pct,
+            m.throttle_steps.len(),
+            m.expected_downtime_ms
+                .map(|v| format!("{v} ms"))
+                .unwrap_or_else(|| "-".into()),
+        ),
+        MigrationMode::PostCopy => format!(
+            "pages left {}  remote faults {}  pushed {}  fault p99 {}{}",
+            m.bytes_remaining.div_ceil(PAGE_SIZE),
+            m.remote_faults,
+            m.post_copy_pages,
+            m.fault_latency_p99_us
+                .map(|v| format!("{v} us"))
+                .unwrap_or_else(|| "-".into()),
+            if m.reconnects > 0 {
+                format!("  reconnects {}", m.reconnects)
+            } else {
+                String::new()
+            },
+        ),
+    };
+    (prefix, msg)
+}
+
+/// The demo's closing line: how the migration went, in one sentence.
+pub fn summary(m: &MigrationRecord) -> String {
+    let mut s = format!(
+        "{} mode, {} passes, {} downtime, {} sent, throttle {}% ({} steps)",
+        mode(m.mode),
+        m.passes,
+        ms(m.actual_downtime_ms),
+        bytes(m.bytes_sent),
+        m.throttle_pct,
+        m.throttle_steps.len(),
+    );
+    if m.delta_pages > 0 {
+        let _ = write!(s, ", {} delta pages", m.delta_pages);
+    }
+    if m.mode == MigrationMode::PostCopy {
+        let _ = write!(
+            s,
+            ", {} remote faults (fault p99 {}), {} pages pushed",
+            m.remote_faults,
+            us(m.fault_latency_p99_us),
+            m.post_copy_pages
+        );
+        if m.reconnects > 0 {
+            let _ = write!(s, ", {} reconnects", m.reconnects);
+        }
+    }
+    s
 }
 
 /// `vm get` in detail (table output of a single VM).
@@ -376,6 +544,72 @@ none: null
             assert_eq!(plain_or_quoted(s), want);
         }
         assert_eq!(yaml(&json!("plain")), "plain\n");
+    }
+
+    fn record() -> MigrationRecord {
+        let mut m = MigrationRecord::new_pending("web", "a", "b", "b:1");
+        m.passes = 3;
+        m.bytes_total = 1 << 30;
+        m.bytes_sent = 768 << 20;
+        m.bytes_remaining = 10 * PAGE_SIZE + 1;
+        m.throttle_pct = 30;
+        m.throttle_steps = vec![ThrottleStep {
+            at_ms: 61_050,
+            percent: 30,
+            dirty_rate: 3 << 20,
+            bandwidth: 1 << 20,
+        }];
+        m.actual_downtime_ms = Some(12);
+        m
+    }
+
+    #[test]
+    fn progress_follows_the_mode() {
+        let mut m = record();
+        let (prefix, msg) = progress(&m);
+        assert_eq!(prefix, "Pending PreCopy pass 3");
+        assert!(msg.contains("throttle 30% (1 steps)"), "{msg}");
+        assert!(!msg.contains("remote faults"), "{msg}");
+        m.mode = MigrationMode::PostCopy;
+        m.remote_faults = 9;
+        m.fault_latency_p99_us = Some(700);
+        let (prefix, msg) = progress(&m);
+        assert_eq!(prefix, "Pending PostCopy pass 3");
+        // A partial page still has to come.
+        assert!(msg.starts_with("pages left 11  remote faults 9"), "{msg}");
+        assert!(msg.contains("fault p99 700 us"), "{msg}");
+        assert!(!msg.contains("reconnects"), "{msg}");
+        m.reconnects = 2;
+        assert!(progress(&m).1.ends_with("reconnects 2"));
+    }
+
+    #[test]
+    fn summary_names_mode_throttle_and_faults() {
+        let mut m = record();
+        assert_eq!(
+            summary(&m),
+            "PreCopy mode, 3 passes, 12 ms downtime, 768.0 MiB sent, throttle 30% (1 steps)"
+        );
+        m.mode = MigrationMode::PostCopy;
+        m.remote_faults = 40;
+        m.post_copy_pages = 1000;
+        m.delta_pages = 5;
+        let s = summary(&m);
+        assert!(s.starts_with("PostCopy mode, 3 passes"), "{s}");
+        assert!(
+            s.ends_with(", 5 delta pages, 40 remote faults (fault p99 <none>), 1000 pages pushed"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn throttle_steps_table() {
+        let t = throttle_table(&record().throttle_steps);
+        assert_eq!(
+            t,
+            "TIME    PERCENT   DIRTY-RATE   BANDWIDTH\n61.0s   30%       3.0 MiB/s    1.0 MiB/s\n"
+        );
+        assert_eq!(offset(999), "0.9s");
     }
 
     #[test]

@@ -7,7 +7,10 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 
 use migrated::engine::{MigrationEngine, MigrationHandle, UnavailableEngine};
-use migrated::model::{MigrationPhase, MigrationRecord, Timestamp};
+use migrated::model::{
+    codes, AbortStatus, HumanDuration, MigrationConfiguration, MigrationMode, MigrationOverrides,
+    MigrationPhase, MigrationRecord, ThrottleStep, Timestamp,
+};
 use migrated::service::Service;
 use migrated::store::Store;
 use migrated::testing::{FakeBackend, HoldingEngine};
@@ -464,4 +467,354 @@ fn demo_without_the_other_binaries_says_how_to_build_them() {
     let err = stderr(&o);
     assert!(err.contains("cannot find"), "{err}");
     assert!(err.contains("cargo build --release --workspace"), "{err}");
+}
+
+#[test]
+fn strategy_and_resume_flags_are_checked_before_anything_is_sent() {
+    let sock = Path::new("/nonexistent/api.sock");
+    for (args, want) in [
+        (
+            &["migrate", "a", "--to", "b", "--bandwidth", "lots"][..],
+            "64Mi",
+        ),
+        (
+            &["migrate", "a", "--to", "b", "--downtime-limit", "soon"],
+            "not a duration",
+        ),
+        (
+            &["migrate", "a", "--to", "b", "--progress-timeout", "0"],
+            "--progress-timeout",
+        ),
+        (
+            &["migrate", "a", "--to", "b", "--auto-converge-step", "big"],
+            "adaptive",
+        ),
+        (
+            &["migrate", "--resume", "a-xyz12", "--to", "b"],
+            "cannot be used with",
+        ),
+        (
+            &["migrate", "--resume", "a-xyz12", "--post-copy-now"],
+            "cannot be used with",
+        ),
+        (&["demo", "--strategy", "teleport"], "auto-converge"),
+        (&["demo", "--bandwidth", "fast"], "64Mi"),
+        (&["demo", "--downtime-limit", "0s"], "greater than 0"),
+        (&["switch"], "<MIGRATION>"),
+    ] {
+        let o = ctl_at(sock, args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
+    }
+}
+
+/// Plays the engine's part of issue 5 with canned numbers, keyed on the VM
+/// name: `hold` runs pre-copy until switched to post-copy, `pc` sits in
+/// post-copy, `cut` fails in post-copy with a broken link until resumed.
+/// It keeps every options object the daemon handed it.
+#[derive(Default)]
+struct ScriptEngine {
+    options: std::sync::Mutex<Vec<MigrationOverrides>>,
+}
+
+impl ScriptEngine {
+    fn options(&self) -> Vec<MigrationOverrides> {
+        self.options.lock().unwrap().clone()
+    }
+}
+
+fn post_copy_numbers(r: &mut MigrationRecord) {
+    r.mode = MigrationMode::PostCopy;
+    r.post_copy_start_timestamp = Some(Timestamp::now());
+    r.actual_downtime_ms = Some(17);
+    r.remote_faults = 321;
+    r.fault_latency_p50_us = Some(180);
+    r.fault_latency_p99_us = Some(2400);
+    r.post_copy_pages = 15_000;
+}
+
+impl MigrationEngine for ScriptEngine {
+    fn configure(&self, options: &MigrationOverrides) -> Option<MigrationConfiguration> {
+        self.options.lock().unwrap().push(options.clone());
+        Some(MigrationConfiguration {
+            allow_auto_converge: options.allow_auto_converge.unwrap_or(false),
+            auto_converge_step: options.auto_converge_step.unwrap_or_default(),
+            allow_post_copy: options.allow_post_copy.unwrap_or(false) || options.post_copy_now,
+            completion_timeout_per_gib: options.completion_timeout_per_gib.unwrap_or(800),
+            progress_timeout: options.progress_timeout.unwrap_or(150),
+            bandwidth_per_migration: options.bandwidth_per_migration.unwrap_or_default(),
+            downtime_limit: options
+                .downtime_limit
+                .unwrap_or(HumanDuration::from_millis(300)),
+            keepalive_interval: HumanDuration::from_secs(5),
+            keepalive_count: 5,
+            post_copy_now: options.post_copy_now,
+        })
+    }
+
+    fn start(&self, record: MigrationRecord, handle: MigrationHandle) {
+        handle
+            .update(|r| {
+                r.start_timestamp = Some(Timestamp::now());
+                r.phase = MigrationPhase::Running;
+                r.passes = 4;
+                r.bytes_sent = r.bytes_total / 2;
+                r.delta_pages = 77;
+                r.throttle_pct = 40;
+                r.throttle_steps = vec![
+                    ThrottleStep {
+                        at_ms: 1500,
+                        percent: 20,
+                        dirty_rate: 300 << 20,
+                        bandwidth: 100 << 20,
+                    },
+                    ThrottleStep {
+                        at_ms: 3250,
+                        percent: 40,
+                        dirty_rate: 200 << 20,
+                        bandwidth: 100 << 20,
+                    },
+                ];
+                match record.vm.as_str() {
+                    "pc" => post_copy_numbers(r),
+                    "cut" => {
+                        post_copy_numbers(r);
+                        r.fail(codes::POST_COPY_INTERRUPTED, "link to host-b lost");
+                    }
+                    _ => {}
+                }
+            })
+            .unwrap();
+    }
+
+    fn abort(&self, handle: MigrationHandle) {
+        let _ = handle.update(|r| {
+            r.abort_status = Some(AbortStatus::Succeeded);
+            r.fail("aborted", "migration was cancelled");
+        });
+    }
+
+    fn switch_to_post_copy(&self, handle: MigrationHandle) {
+        handle
+            .update(|r| {
+                post_copy_numbers(r);
+                r.bytes_sent = r.bytes_total;
+                r.bytes_remaining = 0;
+                r.phase = MigrationPhase::Succeeded;
+                r.end_timestamp = Some(Timestamp::now());
+            })
+            .unwrap();
+    }
+
+    fn resume(&self, _record: MigrationRecord, handle: MigrationHandle) -> Result<(), String> {
+        handle
+            .update(|r| {
+                r.reconnects += 1;
+                r.failure_code = None;
+                r.failure_reason = None;
+                r.phase = MigrationPhase::Succeeded;
+                r.end_timestamp = Some(Timestamp::now());
+            })
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn create_vm(d: &TestDaemon, name: &str) {
+    let o = d.ctl(&["vm", "create", name, "--memory", "64Mi"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
+/// `migrate -o json ...`: the record it printed.
+fn migrate_json(d: &TestDaemon, args: &[&str]) -> MigrationRecord {
+    let mut full = vec!["-o", "json", "migrate"];
+    full.extend_from_slice(args);
+    let o = d.ctl(&full);
+    assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn only_given_flags_reach_the_daemon() {
+    let engine = Arc::new(ScriptEngine::default());
+    let d = TestDaemon::start(engine.clone());
+    create_vm(&d, "hold");
+    let m = migrate_json(
+        &d,
+        &[
+            "hold",
+            "--to",
+            "host-b",
+            "--allow-post-copy",
+            "--bandwidth",
+            "64Mi",
+            "--downtime-limit",
+            "250ms",
+        ],
+    );
+    assert_eq!(m.phase, MigrationPhase::Running);
+    let sent = engine.options();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        serde_json::to_value(&sent[0]).unwrap(),
+        serde_json::json!({
+            "allowPostCopy": true,
+            "bandwidthPerMigration": "64Mi",
+            "downtimeLimit": "250ms",
+        })
+    );
+    // The effective settings are in the record and in `describe`.
+    let text = stdout(&d.ctl(&["describe", "migration", &m.name]));
+    assert_eq!(field(&text, "Allow Post-Copy").as_deref(), Some("true"));
+    assert_eq!(
+        field(&text, "Allow Auto-Converge").as_deref(),
+        Some("false")
+    );
+    assert_eq!(
+        field(&text, "Bandwidth Limit").as_deref(),
+        Some("64Mi/s"),
+        "{text}"
+    );
+    assert_eq!(
+        field(&text, "Downtime Limit").as_deref(),
+        Some("250ms"),
+        "{text}"
+    );
+    assert_eq!(
+        field(&text, "Completion Timeout").as_deref(),
+        Some("800s per GiB"),
+        "{text}"
+    );
+    assert_eq!(field(&text, "Keepalive").as_deref(), Some("5s x 5"));
+    assert!(text.contains("Throttle Steps:\n"), "{text}");
+    assert_eq!(field(&text, "Mode").as_deref(), Some("PreCopy"), "{text}");
+    // No post-copy block before post-copy.
+    assert!(!text.contains("Remote Faults"), "{text}");
+
+    // A plain migrate sends no options at all, so the defaults apply.
+    create_vm(&d, "other");
+    migrate_json(&d, &["other", "--to", "host-b"]);
+    assert_eq!(engine.options()[1], MigrationOverrides::default());
+}
+
+#[test]
+fn switch_moves_to_post_copy_and_describe_shows_its_numbers() {
+    let d = TestDaemon::start(Arc::new(ScriptEngine::default()));
+    create_vm(&d, "hold");
+    let m = migrate_json(&d, &["hold", "--to", "host-b"]);
+    let o = d.ctl(&["switch", &m.name, "--wait"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains(&format!(
+            "migration {} switch to post-copy requested",
+            m.name
+        )),
+        "{text}"
+    );
+    assert_eq!(field(&text, "Mode").as_deref(), Some("PostCopy"), "{text}");
+    assert_eq!(field(&text, "Switch Requested").as_deref(), Some("true"));
+    assert!(text.contains("Post-Copy:\n"), "{text}");
+    for (k, v) in [
+        ("Switchover Downtime", "17 ms"),
+        ("Remote Faults", "321"),
+        ("Fault Latency p50", "180 us"),
+        ("Fault Latency p99", "2400 us"),
+        ("Pushed Pages", "15000"),
+        ("Reconnects", "0"),
+        ("Delta Pages", "77"),
+        ("Throttle", "40%"),
+    ] {
+        assert_eq!(field(&text, k).as_deref(), Some(v), "{k}: {text}");
+    }
+    // The throttle steps table, under its header, one row per step.
+    let steps: Vec<&str> = text
+        .lines()
+        .skip_while(|l| *l != "Throttle Steps:")
+        .skip(1)
+        .take(3)
+        .collect();
+    assert_eq!(
+        steps[0].split_whitespace().collect::<Vec<_>>(),
+        ["TIME", "PERCENT", "DIRTY-RATE", "BANDWIDTH"],
+        "{text}"
+    );
+    assert_eq!(
+        steps[1].split_whitespace().collect::<Vec<_>>(),
+        ["1.5s", "20%", "300.0", "MiB/s", "100.0", "MiB/s"],
+        "{text}"
+    );
+    assert!(steps[2].trim_start().starts_with("3.2s   40%"), "{text}");
+
+    // A second switch, and a cancel, are refused: it is over.
+    let o = d.ctl(&["switch", &m.name]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("already finished"), "{}", stderr(&o));
+
+    // Table, JSON and YAML carry the mode and the new fields.
+    let o = d.ctl(&["get", "migrations"]);
+    let out = stdout(&o);
+    assert!(out.lines().next().unwrap().contains("MODE"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(m.name.as_str()) && l.contains("PostCopy")),
+        "{out}"
+    );
+    let o = d.ctl(&["-o", "yaml", "describe", "migration", &m.name]);
+    let y = stdout(&o);
+    for want in [
+        "mode: PostCopy\n",
+        "remoteFaults: 321\n",
+        "faultLatencyP99Us: 2400\n",
+        "throttleSteps:\n  - atMs: 1500\n",
+        "migrationConfiguration:\n",
+    ] {
+        assert!(y.contains(want), "{want:?} missing in {y}");
+    }
+}
+
+#[test]
+fn post_copy_cannot_be_cancelled_but_an_interrupted_one_resumes() {
+    let d = TestDaemon::start(Arc::new(ScriptEngine::default()));
+    create_vm(&d, "pc");
+    let m = migrate_json(&d, &["pc", "--to", "host-b", "--allow-post-copy"]);
+    assert_eq!(m.mode, MigrationMode::PostCopy);
+    let o = d.ctl(&["cancel", &m.name]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.contains("cannot be cancelled"), "{err}");
+    assert!(
+        err.contains("hint: wait for it to finish") && err.contains("migratectl migrate --resume"),
+        "{err}"
+    );
+    let o = d.ctl(&["switch", &m.name]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("already in post-copy"),
+        "{}",
+        stderr(&o)
+    );
+    // Running post-copy is not resumable either.
+    let o = d.ctl(&["migrate", "--resume", &m.name]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("cannot be resumed"), "{}", stderr(&o));
+
+    create_vm(&d, "cut");
+    let o = d.ctl(&["-o", "json", "migrate", "cut", "--to", "host-b"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("link to host-b lost"), "{}", stderr(&o));
+    let failed: MigrationRecord = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        failed.failure_code.as_deref(),
+        Some(codes::POST_COPY_INTERRUPTED)
+    );
+    let o = d.ctl(&["migrate", "--resume", &failed.name, "--wait"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains(&format!("migration {} resumed", failed.name)),
+        "{text}"
+    );
+    assert_eq!(field(&text, "Completed").as_deref(), Some("true"), "{text}");
+    assert_eq!(field(&text, "Reconnects").as_deref(), Some("1"), "{text}");
 }

@@ -579,7 +579,8 @@ pub struct MigrationRecord {
     /// Measured guest dirty rate, bytes per second.
     #[serde(default)]
     pub dirty_rate: u64,
-    /// Measured transfer bandwidth, bytes per second.
+    /// Guest memory moved per second over the last passes (zero pages and
+    /// compression make it exceed the wire rate and the bandwidth cap).
     #[serde(default)]
     pub bandwidth: u64,
     /// Estimated stop-and-copy time after the last pass.

@@ -403,7 +403,7 @@ pub fn load(
             max: MAX_VCPUS,
         });
     }
-    let wss_bytes = params.wss_bytes;
+    let mut wss_bytes = params.wss_bytes;
     if !wss_bytes.is_multiple_of(PAGE) {
         return Err(LoadWorkloadError::WssNotPageMultiple { wss_bytes });
     }
@@ -441,6 +441,12 @@ pub fn load(
     }
     let mut pieces = vec![(Gpa(sys_end), low_end - sys_end)];
     pieces.extend(regions.iter().skip(1).map(|r| (r.gpa, r.size)));
+    // A working set as large as all of memory means "everything the guest
+    // program itself does not use": the largest free piece.
+    if wss_bytes >= layout.total_bytes() {
+        let largest = pieces.iter().map(|p| p.1).max().unwrap_or(0);
+        wss_bytes = largest - largest % PAGE;
+    }
     let wss_gpa = match pieces.iter().find(|(_, size)| *size >= wss_bytes) {
         Some((g, _)) => *g,
         None => {

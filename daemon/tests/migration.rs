@@ -592,6 +592,9 @@ async fn post_copy(vm_name: &str, options: migrated::model::MigrationOverrides) 
     assert!(m.remote_faults > 0, "no remote fault: {m:?}");
     assert!(m.post_copy_pages > 0, "{m:?}");
     assert!(m.actual_downtime_ms.is_some() && m.post_copy_start_timestamp.is_some(), "{m:?}");
+    // Held pages checked before the resume, received pages as installed.
+    assert_eq!(m.memory_digest_matched, Some(true), "{m:?}");
+    assert!(m.fault_latency_p50_us.is_some() && m.fault_latency_p99_us.is_some(), "{m:?}");
     eprintln!(
         "MEASURED post-copy {vm_name}: switchover downtime {:?} ms, {} remote faults, {} pages after switchover, fault p50/p99 {:?}/{:?} us",
         m.actual_downtime_ms, m.remote_faults, m.post_copy_pages, m.fault_latency_p50_us, m.fault_latency_p99_us

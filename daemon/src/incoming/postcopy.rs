@@ -32,7 +32,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
-use transport::codec::ReasonCode;
+use transport::codec::{Frame, PostcopyReport, ReasonCode};
 use transport::driver::{DestEvent, DestinationDriver, DriverError};
 use transport::endpoint::{DestinationStreams, MigrationId};
 use transport::layout::{PageIndex, PAGE_SIZE};
@@ -322,16 +322,30 @@ impl PostCopy<'_> {
             p99_us = latency.p99.map(|d| d.as_micros() as u64),
             "post-copy complete: every page is here"
         );
+        let mut digest = 0;
         if let (Some(d), Some(got)) = (envelope.post_copy, sink.digest) {
             if got == d.needed {
+                digest = 1;
                 info!("pages received in post-copy match the source");
             } else {
+                digest = 2;
                 warn!(
                     source = %format!("{:032x}", d.needed),
                     target = %format!("{got:032x}"),
                     "{DIGEST_MISMATCH}: pages received in post-copy differ from the source"
                 );
             }
+        }
+        let us = |d: Option<Duration>| d.map_or(0, |d| u32::try_from(d.as_micros()).unwrap_or(u32::MAX));
+        let report = Frame::PostcopyReport(PostcopyReport {
+            requests: stats.requests,
+            p50_us: us(latency.p50),
+            p99_us: us(latency.p99),
+            max_us: us(latency.max),
+            digest,
+        });
+        if let Err(e) = self.driver.send_control(&report).await {
+            warn!(error = %crate::error_chain(&e), "cannot send the post-copy report");
         }
         if let Some(mut client) = running {
             let _ = tokio::task::spawn_blocking(move || client.userfaultfd_release()).await;

@@ -26,6 +26,8 @@ use crate::model::{codes, MigrationMode, MigrationPhase, Timestamp};
 /// Dial attempts after the link broke, before the record says
 /// `post_copy_interrupted` and waits for a manual resume.
 const RECONNECT_ATTEMPTS: u32 = 20;
+/// How long the target's report may take after its `Done`.
+const REPORT_WAIT: Duration = Duration::from_secs(5);
 /// Pause between dial attempts (a backoff, not a synchronisation wait).
 const RECONNECT_BACKOFF: Duration = Duration::from_millis(500);
 
@@ -188,6 +190,35 @@ impl Transfer<'_> {
         self.logging = false;
         self.committed = false;
         self.record_post_copy(&mut p);
+        match self
+            .driver
+            .postcopy_report(&mut self.session, &self.pages, REPORT_WAIT)
+            .await
+        {
+            Some(r) => {
+                let us = |v: u32| (v > 0).then_some(u64::from(v));
+                let verify = self.verify;
+                info!(
+                    requests = r.requests,
+                    p50_us = r.p50_us,
+                    p99_us = r.p99_us,
+                    digest = r.digest,
+                    "target's post-copy report"
+                );
+                update(self.handle, |rec| {
+                    rec.fault_latency_p50_us = us(r.p50_us);
+                    rec.fault_latency_p99_us = us(r.p99_us);
+                    if verify {
+                        rec.memory_digest_matched = match r.digest {
+                            1 => Some(true),
+                            2 => Some(false),
+                            _ => None,
+                        };
+                    }
+                });
+            }
+            None => warn!("the target sent no post-copy report"),
+        }
         update(self.handle, |r| r.bytes_remaining = 0);
         Ok(())
     }

@@ -617,6 +617,13 @@ pub struct MigrationRecord {
     /// Dirty-pass pages sent as XOR deltas against their previous version.
     #[serde(default)]
     pub delta_pages: u64,
+    /// Pages sent with data by the passes after the first (dirty passes,
+    /// stop-and-copy included) and the wire bytes they took: raw would be
+    /// `dirtyPassPages` x 4096.
+    #[serde(default)]
+    pub dirty_pass_pages: u64,
+    #[serde(default)]
+    pub dirty_pass_wire_bytes: u64,
     /// Post-copy: when the guest started running on the target.
     #[serde(default)]
     pub post_copy_start_timestamp: Option<Timestamp>,
@@ -698,6 +705,8 @@ impl MigrationRecord {
             migration_configuration: None,
             throttle_steps: Vec::new(),
             delta_pages: 0,
+            dirty_pass_pages: 0,
+            dirty_pass_wire_bytes: 0,
             post_copy_start_timestamp: None,
             remote_faults: 0,
             post_copy_pages: 0,

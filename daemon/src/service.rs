@@ -15,7 +15,8 @@ use crate::engine::{MigrationEngine, MigrationTable, UpdateMigrationError};
 use crate::model::{
     check_name, codes, AbortStatus, Condition, ConditionStatus, ConditionType, GuestCounters,
     Health, InvalidNameError, InvalidSpecError, MigrationMethod, MigrationMode, MigrationOverrides,
-    MigrationPhase, MigrationRecord, MigrationRequest, Quantity, Timestamp, Vm, VmPhase, VmSpec, VmStatus,
+    MigrationPhase, MigrationRecord, MigrationRequest, Quantity, Timestamp, Vm, VmPhase, VmSpec,
+    VmStatus,
 };
 use crate::store::{
     DeleteRecordError, DesiredState, ListRecordsError, SaveRecordError, Store, VmRecord,

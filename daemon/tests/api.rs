@@ -452,7 +452,10 @@ async fn options_switch_and_cancel_in_post_copy() {
     let mut req = migrate("db", "host-b");
     req.options.progress_timeout = Some(0);
     let (status, code, msg, _) = api_err(c.create_migration(&req).await.unwrap_err());
-    assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, "invalid_argument"));
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::BAD_REQUEST, "invalid_argument")
+    );
     assert!(msg.contains("progressTimeout"), "{msg}");
     assert!(engine.started().is_empty());
 
@@ -466,7 +469,10 @@ async fn options_switch_and_cancel_in_post_copy() {
     let conf = m.migration_configuration.clone().expect("configuration");
     assert!(conf.allow_auto_converge && !conf.allow_post_copy);
     assert_eq!(conf.bandwidth_per_migration, Quantity::mib(64));
-    assert_eq!((conf.completion_timeout_per_gib, conf.progress_timeout), (800, 150));
+    assert_eq!(
+        (conf.completion_timeout_per_gib, conf.progress_timeout),
+        (800, 150)
+    );
 
     // Resume is only for an interrupted post-copy.
     let (status, code, msg, _) = api_err(c.resume_migration(&m.name).await.unwrap_err());
@@ -482,7 +488,10 @@ async fn options_switch_and_cancel_in_post_copy() {
     assert!(msg.contains("post-copy") && msg.contains("host-b"), "{msg}");
     assert!(hint.unwrap().contains("describe migration"));
     let after = c.get_migration(&m.name).await.unwrap();
-    assert!(!after.abort_requested && !after.phase.is_final(), "{after:?}");
+    assert!(
+        !after.abort_requested && !after.phase.is_final(),
+        "{after:?}"
+    );
     let (status, ..) = api_err(c.switch_migration(&m.name).await.unwrap_err());
     assert_eq!(status, StatusCode::CONFLICT);
     d.stop().await;

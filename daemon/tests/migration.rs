@@ -507,7 +507,10 @@ async fn auto_converges(
     step: migrated::model::AutoConvergeStep,
 ) -> Option<MigrationRecord> {
     let vmm = kvm_and_vmm()?;
-    let p = pair_with(&vmm, "bandwidth_per_migration = \"4Mi\"\nprogress_timeout = 60\n");
+    let p = pair_with(
+        &vmm,
+        "bandwidth_per_migration = \"4Mi\"\nprogress_timeout = 60\n",
+    );
     let vm = p.a.api.create_vm(&restless(vm_name)).await.unwrap();
     let mut reaper = Reaper(vec![vm.status.pid.unwrap()]);
     let before = passes_above(&p.a.api, vm_name, 0).await;
@@ -525,7 +528,10 @@ async fn auto_converges(
             })
             .await
             .unwrap();
-    let config = m.migration_configuration.clone().expect("configuration recorded");
+    let config = m
+        .migration_configuration
+        .clone()
+        .expect("configuration recorded");
     assert!(config.allow_auto_converge && config.auto_converge_step == step);
     assert_eq!(config.bandwidth_per_migration, Quantity::mib(4));
     let m = finished(&p.a.api, &m.name, Duration::from_secs(150)).await;
@@ -533,8 +539,16 @@ async fn auto_converges(
     assert_eq!(m.memory_digest_matched, Some(true), "{m:?}");
     assert!(!m.throttle_steps.is_empty(), "no throttle step: {m:?}");
     let pcts: Vec<u8> = m.throttle_steps.iter().map(|s| s.percent).collect();
-    assert!(pcts.windows(2).all(|w| w[0] < w[1]), "throttle not rising: {pcts:?}");
-    assert!(m.throttle_steps.iter().all(|s| s.dirty_rate > 0 && s.bandwidth > 0), "{m:?}");
+    assert!(
+        pcts.windows(2).all(|w| w[0] < w[1]),
+        "throttle not rising: {pcts:?}"
+    );
+    assert!(
+        m.throttle_steps
+            .iter()
+            .all(|s| s.dirty_rate > 0 && s.bandwidth > 0),
+        "{m:?}"
+    );
     eprintln!(
         "MEASURED auto-converge {step}: steps {pcts:?}, {} passes, downtime {:?} ms",
         m.passes, m.actual_downtime_ms
@@ -554,7 +568,9 @@ async fn auto_converge_with_qemus_fixed_steps_converges_a_restless_guest() {
         return;
     };
     let pcts: Vec<u8> = m.throttle_steps.iter().map(|s| s.percent).collect();
-    let want: Vec<u8> = (0..pcts.len()).map(|i| (20 + 10 * i as u8).min(99)).collect();
+    let want: Vec<u8> = (0..pcts.len())
+        .map(|i| (20 + 10 * i as u8).min(99))
+        .collect();
     assert_eq!(pcts, want, "QEMU's 20% + 10% steps");
 }
 
@@ -572,7 +588,10 @@ async fn adaptive_auto_converge_converges_a_restless_guest() {
 /// target while its missing pages are fetched on fault and pushed.
 async fn post_copy(vm_name: &str, options: migrated::model::MigrationOverrides) {
     let Some(vmm) = kvm_and_vmm() else { return };
-    let p = pair_with(&vmm, "bandwidth_per_migration = \"4Mi\"\nprogress_timeout = 60\n");
+    let p = pair_with(
+        &vmm,
+        "bandwidth_per_migration = \"4Mi\"\nprogress_timeout = 60\n",
+    );
     let vm = p.a.api.create_vm(&restless(vm_name)).await.unwrap();
     let mut reaper = Reaper(vec![vm.status.pid.unwrap()]);
     let before = passes_above(&p.a.api, vm_name, 0).await;
@@ -591,10 +610,16 @@ async fn post_copy(vm_name: &str, options: migrated::model::MigrationOverrides) 
     assert_eq!(m.mode, migrated::model::MigrationMode::PostCopy, "{m:?}");
     assert!(m.remote_faults > 0, "no remote fault: {m:?}");
     assert!(m.post_copy_pages > 0, "{m:?}");
-    assert!(m.actual_downtime_ms.is_some() && m.post_copy_start_timestamp.is_some(), "{m:?}");
+    assert!(
+        m.actual_downtime_ms.is_some() && m.post_copy_start_timestamp.is_some(),
+        "{m:?}"
+    );
     // Held pages checked before the resume, received pages as installed.
     assert_eq!(m.memory_digest_matched, Some(true), "{m:?}");
-    assert!(m.fault_latency_p50_us.is_some() && m.fault_latency_p99_us.is_some(), "{m:?}");
+    assert!(
+        m.fault_latency_p50_us.is_some() && m.fault_latency_p99_us.is_some(),
+        "{m:?}"
+    );
     eprintln!(
         "MEASURED post-copy {vm_name}: switchover downtime {:?} ms, {} remote faults, {} pages after switchover, fault p50/p99 {:?}/{:?} us",
         m.actual_downtime_ms, m.remote_faults, m.post_copy_pages, m.fault_latency_p50_us, m.fault_latency_p99_us
@@ -631,4 +656,46 @@ async fn post_copy_now_moves_a_guest_after_its_first_pass() {
         },
     )
     .await;
+}
+
+/// XOR deltas under a bandwidth cap: a guest that changes one word per
+/// page sends its dirty passes as deltas, at least 10x smaller than raw,
+/// and the memories match at the end.
+#[tokio::test]
+async fn sparse_dirty_passes_go_as_deltas_ten_times_smaller() {
+    let Some(vmm) = kvm_and_vmm() else { return };
+    let p = pair_with(&vmm, "bandwidth_per_migration = \"16Mi\"\n");
+    let mut vm = spec("sparse", Quantity::mib(256), Quantity::mib(32), "20");
+    vm.vcpus = 2;
+    let created = p.a.api.create_vm(&vm).await.unwrap();
+    let mut reaper = Reaper(vec![created.status.pid.unwrap()]);
+    // The whole working set written once: every dirty page has a base.
+    let before = passes_above(&p.a.api, "sparse", 1).await;
+    let m =
+        p.a.api
+            .create_migration(&MigrationRequest {
+                vm: "sparse".into(),
+                target_host: "host-b".into(),
+                verify: true,
+                options: Default::default(),
+            })
+            .await
+            .unwrap();
+    let m = finished(&p.a.api, &m.name, Duration::from_secs(150)).await;
+    assert_eq!(m.phase, MigrationPhase::Succeeded, "{m:?}");
+    assert_eq!(m.memory_digest_matched, Some(true), "{m:?}");
+    assert!(m.dirty_pass_pages > 100 && m.delta_pages > 0, "{m:?}");
+    let raw = m.dirty_pass_pages * 4096;
+    let ratio = raw as f64 / m.dirty_pass_wire_bytes.max(1) as f64;
+    eprintln!(
+        "MEASURED deltas: {} dirty-pass pages ({} as deltas), {} bytes raw, {} on the wire: {ratio:.1}x",
+        m.dirty_pass_pages, m.delta_pages, raw, m.dirty_pass_wire_bytes
+    );
+    assert!(
+        ratio >= 10.0,
+        "dirty passes only {ratio:.1}x smaller than raw: {m:?}"
+    );
+    let on_b = p.b.api.get_vm("sparse").await.unwrap();
+    reaper.0.push(on_b.status.pid.unwrap());
+    passes_above(&p.b.api, "sparse", before).await;
 }

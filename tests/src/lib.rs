@@ -24,6 +24,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use transport::identity::{ClusterCa, HostName, Validity};
 
+pub mod linkcut;
 pub mod netns;
 
 /// How long a daemon gets to answer its health endpoint after start.
@@ -370,6 +371,27 @@ impl Cluster {
             // The record is the only view of the engine's progress.
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Pids of live VMM processes for `vm` on `node` (their command line
+    /// names the VM's directory under that node's state dir). A killed VMM
+    /// its daemon has not reaped yet has an empty command line and is not
+    /// counted.
+    pub fn vmm_pids(&self, node: &str, vm: &str) -> Vec<u32> {
+        let dir = self.root().join(node).join("state").join("vms").join(vm);
+        let needle = format!("{}/", dir.display());
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        procs
+            .flatten()
+            .filter_map(|p| {
+                let pid = p.file_name().to_str()?.parse::<u32>().ok()?;
+                let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
+                let text = String::from_utf8_lossy(&cmdline);
+                (text.contains("migrate-vmm") && text.contains(&needle)).then_some(pid)
+            })
+            .collect()
     }
 
     /// SIGKILLs every process whose command line mentions our temp dir.

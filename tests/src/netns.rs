@@ -72,6 +72,24 @@ impl NetnsPair {
     }
 }
 
+impl NetnsPair {
+    /// [`NetnsPair::create`], or `None` after saying why the test skips;
+    /// under `MIGRATED_REQUIRE_NETNS=1` a pair that cannot be made fails
+    /// the test instead.
+    pub fn create_or_skip(test: &str) -> Option<Self> {
+        match Self::create() {
+            Ok(ns) => Some(ns),
+            Err(e) if std::env::var("MIGRATED_REQUIRE_NETNS").as_deref() == Ok("1") => {
+                panic!("{test}: cannot create network namespaces: {e}")
+            }
+            Err(e) => {
+                eprintln!("SKIPPED {test}: {e} (needs root and iproute2; set MIGRATED_REQUIRE_NETNS=1 to fail instead)");
+                None
+            }
+        }
+    }
+}
+
 impl Drop for NetnsPair {
     fn drop(&mut self) {
         for ns in [&self.a, &self.b] {

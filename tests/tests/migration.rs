@@ -23,6 +23,7 @@ fn migrate(c: &Cluster, vm: &str, verify: bool) -> MigrationRecord {
         vm: vm.into(),
         target_host: B.into(),
         verify,
+        options: Default::default(),
     };
     c.block_on(c.client(A).create_migration(&req))
         .unwrap_or_else(|e| panic!("create migration of {vm}: {e}\n{}", c.node(A).log_tail(20)))

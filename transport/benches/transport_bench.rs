@@ -116,6 +116,9 @@ impl PageSink for Memory {
         }
         Ok(())
     }
+    fn read_back(&self, index: PageIndex, out: &mut [u8; PAGE_SIZE]) -> std::io::Result<()> {
+        self.read_page(index, out)
+    }
 }
 
 #[derive(Clone, Copy, Debug)]

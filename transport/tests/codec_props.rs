@@ -4,7 +4,7 @@
 use proptest::prelude::*;
 use transport::codec::{
     decode, AckWhat, Capabilities, DecodeError, Encoder, Frame, FrameBuffer, FrameType, Hello,
-    HelloAck, PageBatch, PageSet, PassEnd, ReasonCode, HEADER_LEN, MAX_BATCH_PAGES,
+    HelloAck, PageBatch, PageSet, PassEnd, ReasonCode, XorPageBatch, HEADER_LEN, MAX_BATCH_PAGES,
 };
 use transport::layout::{MemoryLayout, PageIndex, Pfn, Region, PAGE_SIZE};
 
@@ -77,6 +77,41 @@ fn arb_batch() -> impl Strategy<Value = PageBatch> {
     })
 }
 
+/// Sparse deltas (a few changed bytes per page, as dirtying leaves them),
+/// so they compress below the raw size as the encoder requires.
+fn arb_xor() -> impl Strategy<Value = XorPageBatch> {
+    (
+        any::<u32>(),
+        arb_set(),
+        prop::collection::vec((any::<u16>(), 1u8..=255), 1..6),
+        any::<u32>(),
+    )
+        .prop_map(|(pass, set, changes, crc_seed)| {
+            let set = match set {
+                PageSet::Run { first, count } => PageSet::Run {
+                    first,
+                    count: count.min(4),
+                },
+                s => s,
+            };
+            let n = set.len();
+            let mut deltas = vec![0u8; n * PAGE_SIZE];
+            for (at, v) in changes {
+                let i = usize::from(at) * 37 % deltas.len();
+                deltas[i] = v;
+            }
+            let crcs = (0..n as u32)
+                .map(|i| crc_seed.wrapping_mul(i + 1))
+                .collect();
+            XorPageBatch {
+                pass,
+                set,
+                crcs,
+                deltas: deltas.into(),
+            }
+        })
+}
+
 fn arb_frame() -> impl Strategy<Value = Frame> {
     let name = "[a-z0-9.-]{0,40}";
     prop_oneof![
@@ -126,6 +161,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             }
         }),
         arb_batch().prop_map(Frame::PageBatch),
+        arb_xor().prop_map(Frame::XorPageBatch),
         prop::collection::vec(any::<u8>(), 0..3000).prop_map(|blob| Frame::State { blob }),
         (any::<u64>(), any::<u32>(), 1..=MAX_BATCH_PAGES as u32).prop_map(|(id, i, count)| {
             Frame::PageRequest {
@@ -379,4 +415,116 @@ fn trailing_bytes_are_rejected() {
     body.push(0);
     let err = decode(&frame_bytes(FrameType::PassBegin, &body)).unwrap_err();
     assert!(matches!(err, DecodeError::TrailingBytes { extra: 1, .. }));
+}
+
+/// An `XorPageBatch` body for `n` pages of run kind with `z` as the zstd
+/// data.
+fn xor_body(n: u16, z: &[u8], zlen: u32) -> Vec<u8> {
+    let mut body = batch_fixed(n);
+    for _ in 0..n {
+        body.extend_from_slice(&0u32.to_le_bytes());
+    }
+    body.extend_from_slice(&zlen.to_le_bytes());
+    body.extend_from_slice(z);
+    body
+}
+
+#[test]
+fn xor_delta_bomb_and_oversized_deltas_are_rejected() {
+    let bomb = zstd::bulk::compress(&vec![0u8; 1 << 20], 3).unwrap();
+    let err = decode(&frame_bytes(
+        FrameType::XorPageBatch,
+        &xor_body(1, &bomb, bomb.len() as u32),
+    ))
+    .unwrap_err();
+    assert!(matches!(err, DecodeError::Decompress(_)), "{err:?}");
+    // Compressed deltas must be smaller than the pages.
+    let big = vec![0u8; PAGE_SIZE];
+    let err = decode(&frame_bytes(
+        FrameType::XorPageBatch,
+        &xor_body(1, &big, PAGE_SIZE as u32),
+    ))
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DecodeError::CompressedTooLarge {
+                len: 4096,
+                raw: 4096
+            }
+        ),
+        "{err:?}"
+    );
+    // A claimed zlen past the body is short, not an allocation.
+    let err = decode(&frame_bytes(
+        FrameType::XorPageBatch,
+        &xor_body(2, &[1, 2, 3], 8000),
+    ))
+    .unwrap_err();
+    assert!(matches!(err, DecodeError::BodyTooShort { .. }), "{err:?}");
+    // Deltas that inflate to fewer bytes than the pages.
+    let half = zstd::bulk::compress(&vec![7u8; PAGE_SIZE], 3).unwrap();
+    let err = decode(&frame_bytes(
+        FrameType::XorPageBatch,
+        &xor_body(2, &half, half.len() as u32),
+    ))
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DecodeError::DecompressedSize {
+                expected: 8192,
+                actual: 4096
+            }
+        ),
+        "{err:?}"
+    );
+    // The header cap is checked before the body is read.
+    let mut h = vec![FrameType::XorPageBatch as u8, 0, 0, 0];
+    h.extend_from_slice(&(transport::codec::MAX_XOR_BATCH_BODY as u32 + 1).to_le_bytes());
+    h.extend_from_slice(&[0; 4]);
+    assert!(matches!(decode(&h), Err(DecodeError::BodyTooLong { .. })));
+}
+
+#[test]
+fn xor_delta_list_offsets_are_checked() {
+    let z = zstd::bulk::compress(&vec![0u8; 2 * PAGE_SIZE], 1).unwrap();
+    let mut body = xor_body(2, &z, z.len() as u32);
+    body[14] = 1; // list kind
+    for o in [0u32, 0] {
+        body.extend_from_slice(&o.to_le_bytes());
+    }
+    let err = decode(&frame_bytes(FrameType::XorPageBatch, &body)).unwrap_err();
+    assert!(matches!(err, DecodeError::BadOffsets), "{err:?}");
+}
+
+#[test]
+fn incompressible_or_miscounted_deltas_are_not_encoded() {
+    let random = pages(1, 42, false);
+    let frame = Frame::XorPageBatch(XorPageBatch {
+        pass: 1,
+        set: PageSet::Run {
+            first: PageIndex(0),
+            count: 1,
+        },
+        crcs: vec![0],
+        deltas: random.into(),
+    });
+    assert!(matches!(
+        frame.to_bytes(),
+        Err(transport::codec::EncodeError::DeltaTooLarge { .. })
+    ));
+    let frame = Frame::XorPageBatch(XorPageBatch {
+        pass: 1,
+        set: PageSet::Run {
+            first: PageIndex(0),
+            count: 2,
+        },
+        crcs: vec![0],
+        deltas: vec![0u8; 2 * PAGE_SIZE].into(),
+    });
+    assert!(matches!(
+        frame.to_bytes(),
+        Err(transport::codec::EncodeError::CrcCount { crcs: 1, pages: 2 })
+    ));
 }

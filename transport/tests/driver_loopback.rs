@@ -44,6 +44,9 @@ impl PageSink for Memory {
         }
         Ok(())
     }
+    fn read_back(&self, index: PageIndex, out: &mut [u8; PAGE_SIZE]) -> std::io::Result<()> {
+        self.read_page(index, out)
+    }
 }
 
 /// `pages` pages: a third random, a third text-like, a third zero.

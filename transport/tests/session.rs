@@ -50,6 +50,9 @@ impl PageSink for Mem {
         self.0[s..s + data.len()].copy_from_slice(data);
         Ok(())
     }
+    fn read_back(&self, index: PageIndex, out: &mut [u8; PAGE_SIZE]) -> io::Result<()> {
+        self.read_page(index, out)
+    }
 }
 
 /// A sink that only records what was written.
@@ -714,6 +717,8 @@ fn write_fuzz_corpus() {
         frames.push(rest[..n].to_vec());
         rest = &rest[n..];
     }
+    // The second pass resends unchanged cached pages: XOR deltas.
+    assert!(frames.iter().any(|f| f[0] == FrameType::XorPageBatch as u8));
     for f in [
         Frame::PageRequest {
             id: 1,

@@ -23,12 +23,12 @@ use vmm::control::ControlClient;
 use crate::guestio::{to_guest_layout, GuestPages, StateEnvelope};
 
 mod postcopy;
-use postcopy::{Outcome, PostCopy, Resumable};
 use crate::model::Quantity;
 use crate::outgoing::DIGEST_MISMATCH;
 use crate::service::Service;
 use crate::store::VmPaths;
 use crate::supervisor::{check_host_memory, LaunchError, VmBackend, VmmSupervisor};
+use postcopy::{Outcome, PostCopy, Resumable};
 
 /// Accepts peers until the endpoint closes; each peer's migrations run in
 /// their own tasks.

@@ -170,8 +170,8 @@ impl PostCopy<'_> {
             for r in &missing {
                 set.set_range(r.start.0, r.count);
             }
-            let got = tokio::task::spawn_blocking(move || page_set_digest(&mem, |i| !set.test(i)))
-            .await;
+            let got =
+                tokio::task::spawn_blocking(move || page_set_digest(&mem, |i| !set.test(i))).await;
             match got {
                 Ok(Ok(got)) if got == d.present => {
                     info!("pages held before the switchover match the source")
@@ -190,17 +190,18 @@ impl PostCopy<'_> {
         }
         let paths = p.paths.clone();
         let layout = p.mem.layout().clone();
-        let pager = tokio::task::spawn_blocking(move || -> Result<(ControlClient, Pager), String> {
-            let mut client =
-                ControlClient::connect(&paths.control_socket).map_err(|e| crate::error_chain(&e))?;
-            client
-                .set_timeout(Some(Duration::from_secs(30)))
-                .map_err(|e| crate::error_chain(&e))?;
-            let (fd, regions) = client.userfaultfd().map_err(|e| crate::error_chain(&e))?;
-            let pager = Pager::new(fd, &layout, regions).map_err(|e| crate::error_chain(&e))?;
-            Ok((client, pager))
-        })
-        .await;
+        let pager =
+            tokio::task::spawn_blocking(move || -> Result<(ControlClient, Pager), String> {
+                let mut client = ControlClient::connect(&paths.control_socket)
+                    .map_err(|e| crate::error_chain(&e))?;
+                client
+                    .set_timeout(Some(Duration::from_secs(30)))
+                    .map_err(|e| crate::error_chain(&e))?;
+                let (fd, regions) = client.userfaultfd().map_err(|e| crate::error_chain(&e))?;
+                let pager = Pager::new(fd, &layout, regions).map_err(|e| crate::error_chain(&e))?;
+                Ok((client, pager))
+            })
+            .await;
         let (client, pager) = match pager {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => return self.fail(e).await,
@@ -229,7 +230,9 @@ impl PostCopy<'_> {
         let vm_state = envelope.vm_state.clone();
         let mut restore = tokio::task::spawn_blocking(move || {
             let mut client = client;
-            client.restore(&vm_state).map_err(|e| crate::error_chain(&e))?;
+            client
+                .restore(&vm_state)
+                .map_err(|e| crate::error_chain(&e))?;
             svc.complete_incoming(spec, pid)
                 .map_err(|e| crate::error_chain(&e))?;
             if let Err(e) = client.resume() {
@@ -336,7 +339,8 @@ impl PostCopy<'_> {
                 );
             }
         }
-        let us = |d: Option<Duration>| d.map_or(0, |d| u32::try_from(d.as_micros()).unwrap_or(u32::MAX));
+        let us =
+            |d: Option<Duration>| d.map_or(0, |d| u32::try_from(d.as_micros()).unwrap_or(u32::MAX));
         let report = Frame::PostcopyReport(PostcopyReport {
             requests: stats.requests,
             p50_us: us(latency.p50),

@@ -21,15 +21,15 @@ use transport::driver::{DriverError, SourceDriver};
 use transport::endpoint::MigrationId;
 use transport::layout::{PageRange, PAGE_SIZE};
 use transport::limiter::{BytesPerSecond, RateLimiter};
-use transport::session::{SourceError, SourceOptions, SourceSession};
+use transport::session::{Compression, SourceError, SourceOptions, SourceSession};
 use vmm::control::{CallError, ControlClient};
 
-use crate::model::{AutoConvergeStep, MigrationConfiguration, ThrottleStep};
 use crate::engine::MigrationHandle;
 use crate::guestio::{
     holes, page_ranges, to_wire_layout, ConvertLayoutError, GuestPages, StateEnvelope,
 };
 use crate::model::{AbortStatus, MigrationPhase, MigrationRecord, Timestamp};
+use crate::model::{AutoConvergeStep, MigrationConfiguration, ThrottleStep};
 use crate::peers::{ConnectPeerError, Peers};
 use crate::service::Service;
 
@@ -50,6 +50,8 @@ const PERSIST_EVERY: Duration = Duration::from_millis(500);
 /// is sent as several passes, so that a cancel or a switch to post-copy
 /// takes effect within one chunk (64 MiB) instead of a whole iteration.
 const PASS_CHUNK_PAGES: u64 = 16 * 1024;
+/// Wire rate below which a link counts as slower than compression.
+const COMPRESS_BELOW: f64 = 256.0 * 1024.0 * 1024.0;
 /// QEMU's auto-converge trigger: an iteration dirtied more than this share
 /// of what it sent ...
 const THROTTLE_TRIGGER: f64 = 0.5;
@@ -278,6 +280,7 @@ async fn migrate(
         logging: false,
         throttled: false,
         committed: false,
+        deltas_useless: false,
     };
     let result = run.precopy().await;
     if let Err(e) = &result {
@@ -353,6 +356,16 @@ async fn open_target(
         .handshake(&mut session, pages)
         .await
         .map_err(MigrateOutError::from_driver)?;
+    // Start with compression only under a cap; passes adjust it.
+    let capped = ctx.config.bandwidth_per_migration.bytes() > 0;
+    session
+        .set_compression(Compression {
+            zstd: capped,
+            delta: capped,
+        })
+        .map_err(|e| MigrateOutError::Internal {
+            what: format!("cannot set compression: {e}"),
+        })?;
     Ok((session, driver, limiter))
 }
 
@@ -378,6 +391,8 @@ struct Transfer<'a> {
     /// The post-copy switchover was sent: the target may run the guest,
     /// so nothing here may resume it any more.
     committed: bool,
+    /// A pass showed the guest rewrites whole pages: deltas stay off.
+    deltas_useless: bool,
 }
 
 /// What one iteration did.
@@ -400,6 +415,11 @@ enum Cut {
 /// Progress numbers carried from pass to pass.
 #[derive(Default)]
 struct Progress {
+    /// Dirty-pass pages sent as XOR deltas.
+    delta_pages: u64,
+    /// Pages and wire bytes of the passes after the first.
+    dirty_pages: u64,
+    dirty_wire: u64,
     /// Iterations over the dirty set (each may be several transport passes).
     passes: u32,
     /// Current auto-converge throttle.
@@ -628,6 +648,12 @@ impl Transfer<'_> {
         }
         p.bytes_sent += stats.wire_bytes;
         p.zero_pages += stats.zero_pages;
+        p.delta_pages += stats.delta_pages;
+        if p.passes > 0 {
+            p.dirty_pages += stats.pages;
+            p.dirty_wire += stats.wire_bytes;
+        }
+        self.choose_compression(&stats, took);
         info!(
             pass = stats.pass,
             pages = stats.pages,
@@ -644,6 +670,7 @@ impl Transfer<'_> {
             return;
         }
         p.last_persist = Some(Instant::now());
+        let (delta, dirty_pages, dirty_wire) = (p.delta_pages, p.dirty_pages, p.dirty_wire);
         let (passes, sent, zero, rate, bw) = (
             p.passes,
             p.bytes_sent,
@@ -656,6 +683,9 @@ impl Transfer<'_> {
             r.bytes_sent = sent;
             r.bytes_remaining = remaining;
             r.zero_pages = zero;
+            r.delta_pages = delta;
+            r.dirty_pass_pages = dirty_pages;
+            r.dirty_pass_wire_bytes = dirty_wire;
             r.dirty_rate = rate;
             r.bandwidth = bw;
             r.expected_downtime_ms = Some(expected.as_millis() as u64);
@@ -710,6 +740,7 @@ impl Transfer<'_> {
         let downtime = t0.elapsed().saturating_sub(digest_time * 2);
         let verify = self.verify;
         let (passes, sent, zero) = (p.passes, p.bytes_sent, p.zero_pages);
+        let (delta, dirty_pages, dirty_wire) = (p.delta_pages, p.dirty_pages, p.dirty_wire);
         info!(
             downtime_ms = downtime.as_millis() as u64,
             passes,
@@ -721,12 +752,42 @@ impl Transfer<'_> {
             r.bytes_sent = sent;
             r.bytes_remaining = 0;
             r.zero_pages = zero;
+            r.delta_pages = delta;
+            r.dirty_pass_pages = dirty_pages;
+            r.dirty_pass_wire_bytes = dirty_wire;
             r.actual_downtime_ms = Some((downtime.as_millis() as u64).max(1));
             if verify {
                 r.memory_digest_matched = Some(true);
             }
         });
         Ok(())
+    }
+
+    /// Compression policy: zstd and XOR deltas cost CPU (zstd ~0.2-0.3
+    /// GiB/s per core here) and pay only when the link, not the CPU, is
+    /// what limits the transfer: under a bandwidth cap, or on a link
+    /// measured slower than [`COMPRESS_BELOW`]. Deltas also go off when a
+    /// pass shows the guest rewrites whole pages (they never shrink).
+    fn choose_compression(&mut self, stats: &transport::session::PassStats, took: f64) {
+        let mut want = self.session.compression();
+        let capped = self.ctx.config.bandwidth_per_migration.bytes() > 0;
+        if stats.wire_bytes >= 4 << 20 {
+            let wire_rate = stats.wire_bytes as f64 / took;
+            let link_bound = capped || wire_rate < COMPRESS_BELOW;
+            want.zstd = link_bound;
+            want.delta = link_bound && !self.deltas_useless;
+        }
+        if stats.delta_rejected > 1024 && stats.delta_rejected > 9 * stats.delta_pages {
+            self.deltas_useless = true;
+            want.delta = false;
+        }
+        if want != self.session.compression() {
+            info!(zstd = want.zstd, delta = want.delta, "compression changed");
+            if let Err(e) = self.session.set_compression(want) {
+                // Not fatal: the pages still go, just less compactly.
+                warn!(error = %crate::error_chain(&e), "cannot change compression");
+            }
+        }
     }
 
     /// Takes the auto-converge throttle off (abort) and records it.
@@ -827,12 +888,9 @@ impl AutoConverge {
         };
         let next = match self.step {
             AutoConvergeStep::Fixed => fixed,
-            AutoConvergeStep::Adaptive => fixed.max(adaptive_throttle(
-                self.current,
-                sent,
-                dirtied,
-                bandwidth,
-            )),
+            AutoConvergeStep::Adaptive => {
+                fixed.max(adaptive_throttle(self.current, sent, dirtied, bandwidth))
+            }
         };
         self.current = next.min(THROTTLE_MAX);
         Some(self.current)
@@ -968,9 +1026,15 @@ mod tests {
 
     #[test]
     fn chunks_cover_ranges_in_order() {
-        let ranges = vec![PageRange::new(0, 5), PageRange::new(10, 2), PageRange::new(20, 7)];
+        let ranges = vec![
+            PageRange::new(0, 5),
+            PageRange::new(10, 2),
+            PageRange::new(20, 7),
+        ];
         let chunks = chunk_ranges(ranges.clone(), 4);
-        assert!(chunks.iter().all(|c| c.iter().map(|r| r.count).sum::<u64>() <= 4));
+        assert!(chunks
+            .iter()
+            .all(|c| c.iter().map(|r| r.count).sum::<u64>() <= 4));
         let flat: Vec<u64> = chunks
             .iter()
             .flatten()

@@ -19,7 +19,9 @@ use tracing::{info, warn};
 use transport::driver::{DriverError, SourceDriver};
 use transport::session::SourceError;
 
-use super::{bitmap_ranges, migration_id, update, MigrateOutError, Progress, Transfer, BULK_STREAMS};
+use super::{
+    bitmap_ranges, migration_id, update, MigrateOutError, Progress, Transfer, BULK_STREAMS,
+};
 use crate::guestio::{page_set_digest, PostCopyDigests, StateEnvelope};
 use crate::model::{codes, MigrationMode, MigrationPhase, Timestamp};
 
@@ -145,10 +147,11 @@ impl Transfer<'_> {
             if !downtime_recorded {
                 if let Some(at) = self.driver.resumed_at() {
                     downtime_recorded = true;
-                    let downtime = at
-                        .saturating_duration_since(t0)
-                        .saturating_sub(digest_time);
-                    info!(downtime_ms = downtime.as_millis() as u64, "guest runs on the target");
+                    let downtime = at.saturating_duration_since(t0).saturating_sub(digest_time);
+                    info!(
+                        downtime_ms = downtime.as_millis() as u64,
+                        "guest runs on the target"
+                    );
                     update(self.handle, |r| {
                         r.actual_downtime_ms = Some((downtime.as_millis() as u64).max(1));
                         r.post_copy_start_timestamp = Some(Timestamp::now());
@@ -177,8 +180,7 @@ impl Transfer<'_> {
                         return Err(MigrateOutError::Transfer(e));
                     }
                     Reconnect::Unknown => {
-                        self.park("the target no longer holds the migration")
-                            .await
+                        self.park("the target no longer holds the migration").await
                     }
                     Reconnect::Exhausted(last) => self.park(&last).await,
                 }
@@ -290,7 +292,9 @@ impl Transfer<'_> {
             self.record.name
         );
         warn!(%reason, "post-copy interrupted");
-        update(self.handle, |r| r.fail(codes::POST_COPY_INTERRUPTED, reason));
+        update(self.handle, |r| {
+            r.fail(codes::POST_COPY_INTERRUPTED, reason)
+        });
         let mut resume = self.ctx.resume.clone();
         let seen = *resume.borrow_and_update();
         let _ = resume.wait_for(|n| *n != seen).await;
@@ -306,10 +310,7 @@ impl Transfer<'_> {
 
 /// Errors a new connection can cure: the link, not the peer's will.
 fn recoverable(e: &DriverError) -> bool {
-    matches!(
-        e,
-        DriverError::Transport { .. } | DriverError::StreamsEnded
-    )
+    matches!(e, DriverError::Transport { .. } | DriverError::StreamsEnded)
 }
 
 /// The target aborted the migration itself.

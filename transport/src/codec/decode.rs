@@ -14,10 +14,12 @@ use bytes::Bytes;
 use super::pool::{BufferPool, POOLED_CAPACITY};
 use super::{
     AckWhat, Capabilities, Frame, FrameHeader, FrameType, Hello, HelloAck, PageBatch, PageSet,
-    PassEnd, ReasonCode, HEADER_LEN, MAX_BATCH_PAGES, MAX_MESSAGE_LEN, MAX_NAME_LEN,
+    PassEnd, ReasonCode, XorPageBatch, HEADER_LEN, MAX_BATCH_PAGES, MAX_MESSAGE_LEN,
+    MAX_MISSING_RANGES, MAX_NAME_LEN,
 };
 use crate::layout::{
-    LayoutError, MemoryLayout, PageIndex, Pfn, Region, MAX_GUEST_PAGES, MAX_REGIONS, PAGE_SIZE,
+    LayoutError, MemoryLayout, PageIndex, PageRange, Pfn, Region, MAX_GUEST_PAGES, MAX_REGIONS,
+    PAGE_SIZE,
 };
 
 /// Why bytes from a peer are not a valid frame.
@@ -69,6 +71,10 @@ pub enum DecodeError {
     BadAckKind { kind: u8 },
     #[error("invalid switchover mode {mode}")]
     BadSwitchover { mode: u8 },
+    #[error("missing-pages frame with {count} ranges, more than {max}")]
+    TooManyRanges { count: usize, max: usize },
+    #[error("missing-page ranges must be non-empty, sorted and not overlap")]
+    BadRanges,
 }
 
 impl DecodeError {
@@ -275,6 +281,7 @@ fn decode_body(ty: FrameType, body: &[u8], owner: Option<&Bytes>) -> Result<Fram
         FrameType::PageBatch | FrameType::CompressedPageBatch => {
             Frame::PageBatch(decode_batch(&mut r, ty == FrameType::CompressedPageBatch)?)
         }
+        FrameType::XorPageBatch => Frame::XorPageBatch(decode_xor_batch(&mut r)?),
         FrameType::State => Frame::State {
             blob: r.rest().to_vec(),
         },
@@ -312,6 +319,15 @@ fn decode_body(ty: FrameType, body: &[u8], owner: Option<&Bytes>) -> Result<Fram
             mode => return Err(DecodeError::BadSwitchover { mode }),
         },
         FrameType::Done => Frame::Done,
+        FrameType::Resumed => Frame::Resumed,
+        FrameType::PostcopyReport => Frame::PostcopyReport(super::PostcopyReport {
+            requests: r.u64()?,
+            p50_us: r.u32()?,
+            p99_us: r.u32()?,
+            max_us: r.u32()?,
+            digest: r.u8()?,
+        }),
+        FrameType::MissingPages => decode_missing(&mut r)?,
         FrameType::Ack => {
             let kind = r.u8()?;
             let value = r.u64()?;
@@ -324,6 +340,39 @@ fn decode_body(ty: FrameType, body: &[u8], owner: Option<&Bytes>) -> Result<Fram
     };
     r.end()?;
     Ok(frame)
+}
+
+/// `last` (0/1), a range count, then `(start u64, count u64)` pairs. The
+/// count is checked against the cap and the body length before allocating.
+fn decode_missing(r: &mut Reader<'_>) -> Result<Frame, DecodeError> {
+    let last = match r.u8()? {
+        0 => false,
+        1 => true,
+        _ => return Err(DecodeError::BadRanges),
+    };
+    let count = r.u32()? as usize;
+    if count > MAX_MISSING_RANGES {
+        return Err(DecodeError::TooManyRanges {
+            count,
+            max: MAX_MISSING_RANGES,
+        });
+    }
+    if r.buf.len() != count * 16 {
+        return Err(DecodeError::BodyTooShort { ty: r.ty });
+    }
+    let mut ranges = Vec::with_capacity(count);
+    let mut prev_end = 0u64;
+    for _ in 0..count {
+        let start = r.u64()?;
+        let n = r.u64()?;
+        let end = start.checked_add(n).ok_or(DecodeError::IndexOverflow)?;
+        if n == 0 || n > MAX_GUEST_PAGES || start < prev_end {
+            return Err(DecodeError::BadRanges);
+        }
+        prev_end = end;
+        ranges.push(PageRange::new(start, n));
+    }
+    Ok(Frame::MissingPages { last, ranges })
 }
 
 fn check_pages(pages: usize) -> Result<(), DecodeError> {
@@ -389,6 +438,50 @@ fn decode_batch(r: &mut Reader<'_>, compressed: bool) -> Result<PageBatch, Decod
     } else {
         r.take_bytes(raw_len)?
     };
+    let set = decode_set(r, kind, first, count)?;
+    Ok(PageBatch { pass, set, data })
+}
+
+/// Fixed part, `count` CRCs, then the compressed deltas like a compressed
+/// batch: `zlen < 4096 × count`, inflated into exactly that many bytes.
+fn decode_xor_batch(r: &mut Reader<'_>) -> Result<XorPageBatch, DecodeError> {
+    let pass = r.u32()?;
+    let first = r.u64()?;
+    let count = usize::from(r.u16()?);
+    let kind = r.u8()?;
+    let _reserved = r.u8()?;
+    check_pages(count)?;
+    let crcs: Vec<u32> = r
+        .take(count * 4)?
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let raw_len = count * PAGE_SIZE;
+    let zlen = r.u32()? as usize;
+    if zlen >= raw_len {
+        return Err(DecodeError::CompressedTooLarge {
+            len: zlen,
+            raw: raw_len,
+        });
+    }
+    let deltas = Bytes::from(decompress(r.take(zlen)?, raw_len)?);
+    let set = decode_set(r, kind, first, count)?;
+    Ok(XorPageBatch {
+        pass,
+        set,
+        crcs,
+        deltas,
+    })
+}
+
+/// The page set of a batch whose fixed part said `kind`, `first` and
+/// `count` (already checked to be 1..=128); reads the offsets of a list.
+fn decode_set(
+    r: &mut Reader<'_>,
+    kind: u8,
+    first: u64,
+    count: usize,
+) -> Result<PageSet, DecodeError> {
     let set = match kind {
         0 => PageSet::Run {
             first: PageIndex(first),
@@ -414,7 +507,7 @@ fn decode_batch(r: &mut Reader<'_>, compressed: bool) -> Result<PageBatch, Decod
     first
         .checked_add(set.span())
         .ok_or(DecodeError::IndexOverflow)?;
-    Ok(PageBatch { pass, set, data })
+    Ok(set)
 }
 
 thread_local! {

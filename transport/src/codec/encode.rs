@@ -2,8 +2,8 @@
 //! output buffer, header patched in place once the body length is known.
 
 use super::{
-    AckWhat, Frame, FrameType, PageSet, HEADER_LEN, MAX_BATCH_PAGES, MAX_MESSAGE_LEN, MAX_NAME_LEN,
-    MAX_STATE_BYTES,
+    AckWhat, Frame, FrameType, PageSet, HEADER_LEN, MAX_BATCH_PAGES, MAX_MESSAGE_LEN,
+    MAX_MISSING_RANGES, MAX_NAME_LEN, MAX_STATE_BYTES,
 };
 use crate::layout::PAGE_SIZE;
 
@@ -29,6 +29,12 @@ pub enum EncodeError {
     EmptyZeroRun { count: u64 },
     #[error("zstd compression failed")]
     Compress(#[source] std::io::Error),
+    #[error("{crcs} crcs for {pages} delta pages")]
+    CrcCount { crcs: usize, pages: usize },
+    #[error("compressed deltas of {len} bytes are not smaller than {raw} raw bytes")]
+    DeltaTooLarge { len: usize, raw: usize },
+    #[error("{count} ranges in one missing-pages frame, more than {max}")]
+    TooManyRanges { count: usize, max: usize },
 }
 
 /// Encodes frames, compressing page batches with zstd when that makes them
@@ -148,6 +154,54 @@ pub(crate) fn put_batch_fixed(out: &mut Vec<u8>, pass: u32, set: &PageSet) {
     out.extend_from_slice(&count.to_le_bytes());
     out.push(kind);
     out.push(0);
+}
+
+/// Appends a whole `XorPageBatch` frame whose deltas are already
+/// compressed into `zdeltas` (strictly smaller than the raw pages; the
+/// caller checked).
+pub(crate) fn put_xor_batch(
+    out: &mut Vec<u8>,
+    pass: u32,
+    set: &PageSet,
+    crcs: &[u32],
+    zdeltas: &[u8],
+) {
+    let start = begin(out, FrameType::XorPageBatch);
+    put_batch_fixed(out, pass, set);
+    for crc in crcs {
+        out.extend_from_slice(&crc.to_le_bytes());
+    }
+    out.extend_from_slice(&(zdeltas.len() as u32).to_le_bytes());
+    out.extend_from_slice(zdeltas);
+    put_offsets(out, set);
+    finish(out, start);
+}
+
+/// Compresses `deltas` for an `XorPageBatch` on a path where no session
+/// encoder is at hand (tests, tools); sessions keep their own context.
+fn encode_xor_body(b: &super::XorPageBatch, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    check_batch(&b.set, &b.deltas)?;
+    if b.crcs.len() != b.set.len() {
+        return Err(EncodeError::CrcCount {
+            crcs: b.crcs.len(),
+            pages: b.set.len(),
+        });
+    }
+    let z = zstd::bulk::compress(&b.deltas, 1).map_err(EncodeError::Compress)?;
+    if z.len() >= b.deltas.len() {
+        return Err(EncodeError::DeltaTooLarge {
+            len: z.len(),
+            raw: b.deltas.len(),
+        });
+    }
+    put_batch_fixed(out, b.pass, &b.set);
+    for crc in &b.crcs {
+        out.extend_from_slice(&crc.to_le_bytes());
+    }
+    out.extend_from_slice(&(z.len() as u32).to_le_bytes());
+    out.extend_from_slice(&z);
+    put_offsets(out, &b.set);
+    Ok(())
 }
 
 pub(crate) fn put_offsets(out: &mut Vec<u8>, set: &PageSet) {
@@ -291,7 +345,28 @@ fn encode_body(frame: &Frame, out: &mut Vec<u8>, start: usize) -> Result<(), Enc
             out.extend_from_slice(data);
         }
         Frame::Switchover { postcopy } => out.push(u8::from(*postcopy)),
-        Frame::Done => {}
+        Frame::Done | Frame::Resumed => {}
+        Frame::PostcopyReport(r) => {
+            out.extend_from_slice(&r.requests.to_le_bytes());
+            out.extend_from_slice(&r.p50_us.to_le_bytes());
+            out.extend_from_slice(&r.p99_us.to_le_bytes());
+            out.extend_from_slice(&r.max_us.to_le_bytes());
+            out.push(r.digest);
+        }
+        Frame::MissingPages { last, ranges } => {
+            if ranges.len() > MAX_MISSING_RANGES {
+                return Err(EncodeError::TooManyRanges {
+                    count: ranges.len(),
+                    max: MAX_MISSING_RANGES,
+                });
+            }
+            out.push(u8::from(*last));
+            out.extend_from_slice(&(ranges.len() as u32).to_le_bytes());
+            for r in ranges {
+                out.extend_from_slice(&r.start.0.to_le_bytes());
+                out.extend_from_slice(&r.count.to_le_bytes());
+            }
+        }
         Frame::Ack(what) => {
             let (kind, value) = match what {
                 AckWhat::Pass(n) => (1u8, u64::from(*n)),
@@ -300,6 +375,7 @@ fn encode_body(frame: &Frame, out: &mut Vec<u8>, start: usize) -> Result<(), Enc
             out.push(kind);
             out.extend_from_slice(&value.to_le_bytes());
         }
+        Frame::XorPageBatch(b) => encode_xor_body(b, out)?,
         Frame::PageBatch(b) => {
             check_batch(&b.set, &b.data)?;
             put_batch_fixed(out, b.pass, &b.set);

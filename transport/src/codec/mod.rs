@@ -15,6 +15,9 @@
 //! reference implementation. Page data travels raw or as one zstd frame per
 //! batch, and a compressed batch must be strictly smaller than the raw pages,
 //! which also bounds decompression to the page count the batch claims.
+//! `XorPageBatch` carries dirty pages as one zstd frame of XOR deltas
+//! against the receiver's current pages, with a CRC32 per rebuilt page;
+//! the same size rule bounds it.
 
 mod decode;
 pub(crate) mod encode;
@@ -25,7 +28,7 @@ pub use encode::{EncodeError, Encoder};
 
 use bytes::Bytes;
 
-use crate::layout::{MemoryLayout, OutOfRange, PageIndex, PAGE_SIZE};
+use crate::layout::{MemoryLayout, OutOfRange, PageIndex, PageRange, PAGE_SIZE};
 
 /// Version spoken by this build; a peer with another version is refused.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -57,6 +60,17 @@ pub(crate) const BATCH_FIXED_LEN: usize = 16;
 /// the pages and a full offset list.
 pub const MAX_BATCH_BODY: usize = BATCH_FIXED_LEN + 4 + MAX_BATCH_PAGES * (PAGE_SIZE + 4);
 
+/// Most ranges one `MissingPages` frame carries; a larger set is split over
+/// several frames (64 KiB bodies, so a chunk never waits long behind itself).
+pub const MAX_MISSING_RANGES: usize = 4096;
+
+/// Body cap of `MissingPages`: `last` flag, range count, the ranges.
+pub const MAX_MISSING_BODY: usize = 1 + 4 + MAX_MISSING_RANGES * 16;
+
+/// Body cap of an `XorPageBatch`: fixed part, a CRC per page, zstd length,
+/// the compressed deltas (smaller than the pages) and a full offset list.
+pub const MAX_XOR_BATCH_BODY: usize = BATCH_FIXED_LEN + 4 + MAX_BATCH_PAGES * (PAGE_SIZE + 8);
+
 /// Largest body of any frame type.
 pub const MAX_FRAME_BODY: usize = MAX_STATE_BYTES;
 
@@ -79,6 +93,14 @@ pub enum FrameType {
     Done = 13,
     Ack = 14,
     Abort = 15,
+    /// Dirty pages as XOR deltas against the versions sent before.
+    XorPageBatch = 16,
+    /// Post-copy: the destination runs the guest (pages may be missing).
+    Resumed = 17,
+    /// Post-copy: a chunk of the set of pages the destination lacks.
+    MissingPages = 18,
+    /// Post-copy, after `Done`: what the destination measured.
+    PostcopyReport = 19,
 }
 
 impl FrameType {
@@ -100,6 +122,10 @@ impl FrameType {
             13 => Done,
             14 => Ack,
             15 => Abort,
+            16 => XorPageBatch,
+            17 => Resumed,
+            18 => MissingPages,
+            19 => PostcopyReport,
             _ => return None,
         })
     }
@@ -109,7 +135,9 @@ impl FrameType {
         match self {
             FrameType::PageBatch | FrameType::CompressedPageBatch => MAX_BATCH_BODY,
             FrameType::PageReply => 20 + MAX_BATCH_PAGES * PAGE_SIZE,
+            FrameType::XorPageBatch => MAX_XOR_BATCH_BODY,
             FrameType::State => MAX_STATE_BYTES,
+            FrameType::MissingPages => MAX_MISSING_BODY,
             _ => MAX_CONTROL_BODY,
         }
     }
@@ -205,12 +233,18 @@ pub struct Capabilities(pub u32);
 impl Capabilities {
     /// zstd-compressed page batches.
     pub const ZSTD: Self = Self(1 << 0);
-    /// XOR deltas against a page's previous version (reserved, not used yet).
+    /// `XorPageBatch`: dirty pages as zstd-compressed XOR deltas against
+    /// the version of the page sent in an earlier pass.
     pub const XOR_DELTA: Self = Self(1 << 1);
     /// Post-copy: page requests and replies after switchover.
     pub const POSTCOPY: Self = Self(1 << 2);
+    /// In a `Hello`: this connection resumes a post-copy migration whose
+    /// previous connection broke (same migration id). Echoed in the
+    /// `HelloAck` when the destination accepts the resume. Not part of
+    /// `SUPPORTED`: it is never negotiated for a fresh migration.
+    pub const RESUME: Self = Self(1 << 3);
     /// Every capability this build implements.
-    pub const SUPPORTED: Self = Self(Self::ZSTD.0 | Self::POSTCOPY.0);
+    pub const SUPPORTED: Self = Self(Self::ZSTD.0 | Self::XOR_DELTA.0 | Self::POSTCOPY.0);
 
     pub fn contains(self, other: Self) -> bool {
         self.0 & other.0 == other.0
@@ -324,6 +358,21 @@ pub struct PageBatch {
     pub data: Bytes,
 }
 
+/// Pages of `set` as XOR deltas: page `i` of the set becomes
+/// `current ^ deltas[i * 4096..][..4096]`, where `current` is what the
+/// receiver holds from an earlier pass, and must then have CRC32 `crcs[i]`.
+///
+/// `deltas` is the decompressed delta data (`set.len() * 4096` bytes); on
+/// the wire it is one zstd frame, strictly smaller than the raw pages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XorPageBatch {
+    pub pass: u32,
+    pub set: PageSet,
+    /// CRC32 of each reconstructed page, in set order.
+    pub crcs: Vec<u32>,
+    pub deltas: Bytes,
+}
+
 /// What an `Ack` acknowledges.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AckWhat {
@@ -353,6 +402,8 @@ pub enum Frame {
         count: u64,
     },
     PageBatch(PageBatch),
+    /// Dirty pages as XOR deltas (only when `XOR_DELTA` was agreed).
+    XorPageBatch(XorPageBatch),
     /// Opaque device + vCPU state, at most [`MAX_STATE_BYTES`].
     State {
         blob: Vec<u8>,
@@ -381,6 +432,36 @@ pub enum Frame {
         code: ReasonCode,
         message: String,
     },
+    /// Post-copy, destination to source: the guest runs here now (the end
+    /// of the switchover downtime); `Done` follows once no page is missing.
+    Resumed,
+    /// Post-copy: part of a set of pages the destination lacks, as sorted,
+    /// non-overlapping, non-empty ranges. Source to destination between
+    /// `State` and `Switchover{postcopy}`; destination to source after a
+    /// resume `HelloAck`. `last` marks the final chunk of the set.
+    MissingPages {
+        last: bool,
+        ranges: Vec<PageRange>,
+    },
+    /// Post-copy, destination to source, right after `Done`: the fault
+    /// numbers only the destination can measure, and its check of the
+    /// pages received (for the source's migration record).
+    PostcopyReport(PostcopyReport),
+}
+
+/// Body of [`Frame::PostcopyReport`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PostcopyReport {
+    /// Page requests the destination made (faults after its dedup).
+    pub requests: u64,
+    /// Request round trip (request sent to page installed), microseconds;
+    /// 0 without samples.
+    pub p50_us: u32,
+    pub p99_us: u32,
+    pub max_us: u32,
+    /// 0: not checked, 1: the pages received match the source's digest,
+    /// 2: they differ.
+    pub digest: u8,
 }
 
 impl Frame {
@@ -394,6 +475,7 @@ impl Frame {
             Frame::PassEnd(_) => FrameType::PassEnd,
             Frame::ZeroRun { .. } => FrameType::ZeroRun,
             Frame::PageBatch(_) => FrameType::PageBatch,
+            Frame::XorPageBatch(_) => FrameType::XorPageBatch,
             Frame::State { .. } => FrameType::State,
             Frame::PageRequest { .. } => FrameType::PageRequest,
             Frame::PageReply { .. } => FrameType::PageReply,
@@ -401,6 +483,9 @@ impl Frame {
             Frame::Done => FrameType::Done,
             Frame::Ack(_) => FrameType::Ack,
             Frame::Abort { .. } => FrameType::Abort,
+            Frame::Resumed => FrameType::Resumed,
+            Frame::MissingPages { .. } => FrameType::MissingPages,
+            Frame::PostcopyReport(_) => FrameType::PostcopyReport,
         }
     }
 
@@ -410,12 +495,16 @@ impl Frame {
         match self {
             Frame::ZeroRun { start, count, .. } => layout.check_range(*start, *count),
             Frame::PageBatch(b) => layout.check_range(b.set.first(), b.set.span()),
+            Frame::XorPageBatch(b) => layout.check_range(b.set.first(), b.set.span()),
             Frame::PageRequest { index, count, .. } => {
                 layout.check_range(*index, u64::from(*count))
             }
             Frame::PageReply { index, data, .. } => {
                 layout.check_range(*index, (data.len() / PAGE_SIZE) as u64)
             }
+            Frame::MissingPages { ranges, .. } => ranges
+                .iter()
+                .try_for_each(|r| layout.check_range(r.start, r.count)),
             _ => Ok(()),
         }
     }

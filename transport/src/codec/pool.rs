@@ -11,10 +11,18 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-use super::{HEADER_LEN, MAX_BATCH_BODY};
+use super::{HEADER_LEN, MAX_BATCH_BODY, MAX_XOR_BATCH_BODY};
 
 /// Capacity of a pooled buffer: any page frame fits.
-pub(crate) const POOLED_CAPACITY: usize = HEADER_LEN + MAX_BATCH_BODY;
+pub(crate) const POOLED_CAPACITY: usize = HEADER_LEN + max(MAX_BATCH_BODY, MAX_XOR_BATCH_BODY);
+
+const fn max(a: usize, b: usize) -> usize {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
 
 /// A bounded stack of spare frame buffers. Cheap to clone (shared).
 #[derive(Debug, Clone)]

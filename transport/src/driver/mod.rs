@@ -14,9 +14,19 @@
 //!   feeds them to the session in arrival order, sending whatever the session
 //!   asks for on the control stream and handing the caller the events only it
 //!   can act on (accept the hello, restore state, resume).
-//! * Post-copy: [`DestinationDriver::request_pages`] sends a `PageRequest` on
-//!   the high-priority stream and returns when its reply is written;
-//!   [`SourceDriver::serve_until_done`] answers requests until `Done`.
+//! * Post-copy: [`SourceDriver::switchover_postcopy`] hands over the state
+//!   and the set of missing pages; [`SourceDriver::serve_until_done`] then
+//!   answers `PageRequest`s on the priority stream the moment they arrive
+//!   while a push task sends the remaining pages on the bulk streams
+//!   (rate-limited, nearest to the latest request first), until `Done`.
+//!   The destination sends requests with
+//!   [`DestinationDriver::send_page_request`] (no waiting) and takes replies
+//!   from the cancel-safe [`DestinationDriver::next_event`], so a fault loop
+//!   can `select!` over faults and frames.
+//! * Post-copy recovery: when the connection breaks both sessions keep their
+//!   state; on a new connection [`SourceDriver::resume`] and
+//!   [`DestinationDriver::resume`] exchange a resume hello and the pages still
+//!   missing, outstanding requests are sent again, and serving continues.
 //!
 //! Any error a session reports is sent to the peer as `Abort` (when the
 //! session says so) before it is returned. A lost peer surfaces as
@@ -101,6 +111,20 @@ pub enum DriverError {
     /// The destination session refused to go on.
     #[error("destination session failed")]
     Destination(#[from] DestError),
+    /// A hello on a resume connection was not a matching resume; the
+    /// destination refused it and still waits for one.
+    #[error("resume hello refused")]
+    ResumeRefused,
+}
+
+/// Percentiles of post-copy request round trips (`None` without samples).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LatencyStats {
+    /// Requests answered.
+    pub samples: u64,
+    pub p50: Option<std::time::Duration>,
+    pub p99: Option<std::time::Duration>,
+    pub max: Option<std::time::Duration>,
 }
 
 impl DriverError {

@@ -1,5 +1,7 @@
 //! Source side: runs a [`SourceSession`] over a migration's streams.
 
+use std::time::Instant;
+
 use bytes::Bytes;
 use quinn::SendStream;
 use tokio::sync::mpsc;
@@ -24,6 +26,10 @@ const FRAME_CAPACITY: usize = crate::codec::HEADER_LEN + crate::codec::MAX_BATCH
 /// state frames reuse memory instead of faulting fresh pages in.
 const POOL_KEEP: usize = 32;
 
+/// Push frames queued ahead of the bulk writer. Small, so that a request
+/// moves the push cursor for nearly everything not yet sent.
+const PUSH_QUEUE: usize = 2;
+
 /// Moves a [`SourceSession`]'s frames over the streams of one migration.
 ///
 /// The caller (the migration engine) decides the passes; each method runs
@@ -31,7 +37,9 @@ const POOL_KEEP: usize = 32;
 ///
 /// ```text
 /// handshake → send_pass* → switchover(postcopy=false) → Ok  (guest runs there)
-///                        → switchover(postcopy=true) → serve_until_done
+///                        → switchover_postcopy(state, missing) → serve_until_done
+/// post-copy connection lost (DriverError::is_peer_lost or any transport error):
+///   new connection, open_migration(same id) → SourceDriver::new → resume → serve_until_done
 /// ```
 #[derive(Debug)]
 pub struct SourceDriver {
@@ -47,6 +55,8 @@ pub struct SourceDriver {
     pool: BufferPool,
     /// Post-copy requests answered so far.
     served: u64,
+    /// When the destination reported the guest resumed (post-copy).
+    resumed_at: Option<Instant>,
 }
 
 impl SourceDriver {
@@ -69,6 +79,7 @@ impl SourceDriver {
             out: Vec::new(),
             pool: BufferPool::new(POOL_KEEP),
             served: 0,
+            resumed_at: None,
         }
     }
 
@@ -167,22 +178,154 @@ impl SourceDriver {
         }
     }
 
-    /// Post-copy: answers page requests on the priority stream until the
-    /// destination reports `Done`. Returns the number of requests served
-    /// since the switchover (some may have been served while waiting for the
-    /// state's ack).
+    /// Post-copy switchover: sends the state, the pages the destination
+    /// must fetch (`missing`, sorted ranges) and `Switchover{postcopy}`, and
+    /// waits for the state's ack. Then call
+    /// [`serve_until_done`](Self::serve_until_done).
+    pub async fn switchover_postcopy(
+        &mut self,
+        session: &mut SourceSession,
+        src: &(impl PageSource + ?Sized),
+        state: &[u8],
+        missing: &[PageRange],
+    ) -> Result<(), DriverError> {
+        self.out.clear();
+        let r = session.send_state_postcopy(state, missing, &mut self.out);
+        self.check(r).await?;
+        self.flush_control().await?;
+        match self.next_event(session, src).await? {
+            SourceEvent::StateAcked => Ok(()),
+            other => Err(self.unexpected(session, "switchover_postcopy", other).await),
+        }
+    }
+
+    /// Post-copy, on a new connection to the same destination (streams
+    /// opened with the same [`MigrationId`](crate::endpoint::MigrationId)):
+    /// sends the resume hello and waits for the destination's missing set,
+    /// which becomes the push set. Returns the missing page count; then call
+    /// [`serve_until_done`](Self::serve_until_done) again. A refusal fails
+    /// the session (the destination does not hold this migration).
+    pub async fn resume(
+        &mut self,
+        session: &mut SourceSession,
+        src: &(impl PageSource + ?Sized),
+    ) -> Result<u64, DriverError> {
+        self.out.clear();
+        let r = session.resume(&mut self.out);
+        self.check(r).await?;
+        self.flush_control().await?;
+        match self.next_event(session, src).await? {
+            SourceEvent::ResumeAccepted { missing } => Ok(missing),
+            other => Err(self.unexpected(session, "resume", other).await),
+        }
+    }
+
+    /// When the destination reported the guest running (post-copy
+    /// `Resumed`; for the switchover downtime, pause → this instant).
+    pub fn resumed_at(&self) -> Option<Instant> {
+        self.resumed_at
+    }
+
+    /// Post-copy: answers page requests on the priority stream as soon as
+    /// they arrive while pushing the remaining pages on the bulk streams
+    /// (rate-limited by the migration's limiter; requests are not), until
+    /// the destination reports `Done`. Returns the number of requests
+    /// served by this driver.
+    ///
+    /// On a transport error the session keeps its state: reconnect and
+    /// [`resume`](Self::resume).
     pub async fn serve_until_done(
         &mut self,
         session: &mut SourceSession,
         src: &(impl PageSource + ?Sized),
     ) -> Result<u64, DriverError> {
-        match self.next_event(session, src).await? {
-            SourceEvent::Done => {
-                self.finish_streams()?;
-                Ok(self.served)
+        let (queue, frames) = mpsc::channel(PUSH_QUEUE);
+        let bulk = std::mem::take(&mut self.bulk);
+        let mut writer = tokio::spawn(write_push(bulk, self.limiter.clone(), frames));
+        let served = self.serve_and_push(session, src, queue).await;
+        let pushed = match served {
+            // Done: the destination holds every page, frames still queued
+            // are moot (and its streams may already be gone).
+            Ok(true) => {
+                writer.abort();
+                Ok(())
             }
-            other => Err(self.unexpected(session, "serve_until_done", other).await),
+            // The push writer stopped: it failed, say why.
+            Ok(false) => match (&mut writer).await {
+                Ok(Err(e)) => Err(e),
+                _ => Err(DriverError::StreamsEnded),
+            },
+            Err(e) => {
+                writer.abort();
+                Err(e)
+            }
+        };
+        pushed?;
+        let (control, priority) = (self.control.finish(), self.priority.finish());
+        control.map_err(DriverError::transport(StreamRole::Control))?;
+        priority.map_err(DriverError::transport(StreamRole::Priority))?;
+        Ok(self.served)
+    }
+
+    /// The post-copy loop; `Ok(true)` on `Done`, `Ok(false)` when the push
+    /// writer went away.
+    async fn serve_and_push(
+        &mut self,
+        session: &mut SourceSession,
+        src: &(impl PageSource + ?Sized),
+        queue: mpsc::Sender<Bytes>,
+    ) -> Result<bool, DriverError> {
+        let mut pushing = true;
+        loop {
+            tokio::select! {
+                // Requests first: a faulting vCPU never waits for the push.
+                biased;
+                inbound = self.inbound.recv() => {
+                    let inbound = inbound.unwrap_or(Err(DriverError::StreamsEnded));
+                    match self.handle_inbound(session, src, inbound).await? {
+                        None | Some(SourceEvent::PageServed { .. }) => {}
+                        Some(SourceEvent::Resumed) => self.resumed_at = Some(Instant::now()),
+                        Some(SourceEvent::Done) => return Ok(true),
+                        Some(other) => {
+                            return Err(self.unexpected(session, "serve_until_done", other).await)
+                        }
+                    }
+                }
+                permit = queue.reserve(), if pushing => {
+                    let Ok(permit) = permit else { return Ok(false) };
+                    let mut frame = self.pool.take(FRAME_CAPACITY);
+                    let r = session.next_push_frame(src, &mut frame);
+                    match self.check(r).await? {
+                        Some(_) => permit.send(self.pool.bytes(frame)),
+                        None => pushing = false,
+                    }
+                }
+            }
         }
+    }
+
+    /// Post-copy, after [`serve_until_done`](Self::serve_until_done):
+    /// waits up to `within` for the destination's
+    /// [`PostcopyReport`](crate::codec::PostcopyReport) (fault latency and
+    /// its check of the pages received). `None` if none came: an older
+    /// peer, or the connection went.
+    pub async fn postcopy_report(
+        &mut self,
+        session: &mut SourceSession,
+        src: &(impl PageSource + ?Sized),
+        within: std::time::Duration,
+    ) -> Option<crate::codec::PostcopyReport> {
+        let wait = async {
+            loop {
+                let inbound = self.inbound.recv().await?;
+                match self.handle_inbound(session, src, inbound).await {
+                    Ok(Some(SourceEvent::Report(r))) => return Some(r),
+                    Ok(_) => {}
+                    Err(_) => return None,
+                }
+            }
+        };
+        tokio::time::timeout(within, wait).await.ok().flatten()
     }
 
     /// Aborts the migration: tells the destination why and fails the session.
@@ -307,4 +450,30 @@ impl SourceDriver {
             .finish()
             .map_err(DriverError::transport(StreamRole::Priority))
     }
+}
+
+/// The post-copy push writer: charges each frame to the limiter, then writes
+/// it to the next bulk stream. Ends when the queue closes or a write fails.
+async fn write_push(
+    mut bulk: Vec<SendStream>,
+    limiter: RateLimiter,
+    mut frames: mpsc::Receiver<Bytes>,
+) -> Result<(), DriverError> {
+    let mut next = 0;
+    while let Some(frame) = frames.recv().await {
+        limiter.acquire(frame.len() as u64).await;
+        let Some(stream) = bulk.get_mut(next) else {
+            return Err(DriverError::StreamsEnded);
+        };
+        stream
+            .write_chunk(frame)
+            .await
+            .map_err(DriverError::transport(StreamRole::Bulk(next as u16)))?;
+        next = (next + 1) % bulk.len();
+    }
+    for (i, s) in bulk.iter_mut().enumerate() {
+        s.finish()
+            .map_err(DriverError::transport(StreamRole::Bulk(i as u16)))?;
+    }
+    Ok(())
 }

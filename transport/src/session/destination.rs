@@ -8,8 +8,14 @@
 //! post-copy switchover), and only for the pass after the last completed
 //! one.
 
+mod postcopy;
+
 use std::collections::HashMap;
 
+pub use postcopy::DestPostcopyStats;
+
+use super::delta::{self, ReceivedPages};
+use super::missing::PageBitmap;
 use super::PageSink;
 use crate::codec::{
     AckWhat, Capabilities, DecodeError, Frame, FrameBuffer, FrameType, Hello, HelloAck, PageSet,
@@ -49,6 +55,9 @@ pub enum DestState {
     SwitchedOver {
         postcopy: bool,
     },
+    /// Post-copy connection broke: waiting for the source's resume hello
+    /// (see [`DestinationSession::prepare_resume`]).
+    AwaitResume,
     Done,
     Refused,
     Failed,
@@ -67,12 +76,20 @@ pub enum DestAction {
     StateReceived(Vec<u8>),
     /// Restore the state, resume the guest, then call `resumed`.
     SwitchedOver { postcopy: bool },
-    /// A post-copy reply was written.
+    /// A post-copy reply was handled (only the pages still missing were
+    /// written).
     PageReplyReceived {
         id: u64,
         index: PageIndex,
         count: u32,
     },
+    /// A post-copy resume was accepted (the `HelloAck` and the missing set
+    /// are in the `Send` actions before this); send
+    /// [`DestinationSession::outstanding_requests`] again on the new
+    /// connection's priority stream.
+    ResumeAccepted { missing: u64 },
+    /// Post-copy: every page is here and `Done` was queued to send.
+    PostcopyComplete,
 }
 
 /// Why the destination rejected a frame. Except for `PeerAborted` and
@@ -103,6 +120,16 @@ pub enum DestError {
     RequestSize { count: u32, max: usize },
     #[error("writing received pages failed")]
     Sink(#[source] std::io::Error),
+    #[error("reading back page for a delta failed")]
+    ReadBack(#[source] std::io::Error),
+    #[error("delta for page {index}, which no earlier pass sent")]
+    DeltaWithoutBase { index: u64 },
+    #[error("page {index} rebuilt from a delta has crc {actual:#010x}, expected {expected:#010x}")]
+    DeltaCrc {
+        index: u64,
+        expected: u32,
+        actual: u32,
+    },
     #[error("source aborted: {code}")]
     PeerAborted { code: ReasonCode, message: String },
     #[error("{op} not allowed in state {state:?}")]
@@ -120,9 +147,12 @@ impl DestError {
             DestError::Unexpected { .. }
             | DestError::WrongPass { .. }
             | DestError::PassOverflow { .. }
-            | DestError::UnknownRequest { .. } => ReasonCode::Protocol,
+            | DestError::UnknownRequest { .. }
+            | DestError::DeltaWithoutBase { .. } => ReasonCode::Protocol,
+            DestError::DeltaCrc { .. } => ReasonCode::BadCrc,
             DestError::PeerAborted { code, .. } => *code,
             DestError::Sink(_)
+            | DestError::ReadBack(_)
             | DestError::RequestSize { .. }
             | DestError::WrongState { .. }
             | DestError::Failed => ReasonCode::Internal,
@@ -161,6 +191,19 @@ pub struct DestinationSession {
     next_request: u64,
     requests: HashMap<u64, (PageIndex, u32)>,
     input: FrameBuffer,
+    /// Pages received with data, when `XOR_DELTA` was agreed.
+    received: Option<ReceivedPages>,
+    /// Pages rebuilt from a delta frame, before they are written.
+    delta_buf: Vec<u8>,
+    /// Post-copy: pages still to come (from `MissingPages` at switchover).
+    missing: Option<PageBitmap>,
+    /// The last `MissingPages` chunk arrived.
+    missing_complete: bool,
+    /// Post-copy `Resumed` was handed out.
+    resumed_sent: bool,
+    /// The state a resume returns to.
+    resume_to: DestState,
+    postcopy_stats: DestPostcopyStats,
 }
 
 impl DestinationSession {
@@ -174,6 +217,13 @@ impl DestinationSession {
             next_request: 0,
             requests: HashMap::new(),
             input: FrameBuffer::new(),
+            received: None,
+            delta_buf: Vec::new(),
+            missing: None,
+            missing_complete: false,
+            resumed_sent: false,
+            resume_to: DestState::Failed,
+            postcopy_stats: DestPostcopyStats::default(),
         }
     }
 
@@ -253,6 +303,9 @@ impl DestinationSession {
             });
         };
         self.agreed = h.capabilities.intersect(self.opts.capabilities);
+        if self.agreed.contains(Capabilities::XOR_DELTA) {
+            self.received = Some(ReceivedPages::new(h.layout.total_pages()));
+        }
         self.state = DestState::Receiving;
         Ok(Frame::HelloAck(HelloAck {
             version: PROTOCOL_VERSION,
@@ -277,13 +330,21 @@ impl DestinationSession {
         }
     }
 
-    /// The guest runs here now; returns the `Done` to send.
+    /// The guest runs here now; returns the frame to send on the control
+    /// stream: `Done`, or after a post-copy switchover that named its
+    /// missing pages `Resumed` (then `Done` follows from
+    /// [`take_done`](Self::take_done) or a `DestAction::Send` once every
+    /// page is installed).
     pub fn resumed(&mut self) -> Result<Frame, DestError> {
-        if !matches!(self.state, DestState::SwitchedOver { .. }) {
+        if !matches!(self.state, DestState::SwitchedOver { .. }) || self.resumed_sent {
             return Err(DestError::WrongState {
                 op: "resumed",
                 state: self.state,
             });
+        }
+        if self.state == (DestState::SwitchedOver { postcopy: true }) && self.tracks_missing() {
+            self.resumed_sent = true;
+            return Ok(Frame::Resumed);
         }
         self.state = DestState::Done;
         Ok(Frame::Done)
@@ -310,6 +371,7 @@ impl DestinationSession {
         let id = self.next_request;
         self.next_request += 1;
         self.requests.insert(id, (index, count));
+        self.postcopy_stats.requests += 1;
         Ok(Frame::PageRequest { id, index, count })
     }
 
@@ -324,12 +386,20 @@ impl DestinationSession {
             frame: frame.frame_type(),
             state,
         };
-        let receiving = matches!(
-            state,
-            DestState::Receiving | DestState::SwitchedOver { postcopy: true }
-        );
+        // Post-copy push frames and replies may still be on the wire when
+        // the last missing page arrives: after `Done` they are dropped.
+        let late_postcopy = state == DestState::Done && self.tracks_missing();
+        let receiving = late_postcopy
+            || matches!(
+                state,
+                DestState::Receiving | DestState::SwitchedOver { postcopy: true }
+            );
         match frame {
             Frame::Abort { code, message } => Err(DestError::PeerAborted { code, message }),
+            Frame::Hello(h) if state == DestState::AwaitResume => {
+                self.resume_hello(h, actions);
+                Ok(())
+            }
             Frame::Hello(h) if state == DestState::AwaitHello => {
                 if h.version != PROTOCOL_VERSION {
                     self.state = DestState::Refused;
@@ -362,6 +432,11 @@ impl DestinationSession {
             Frame::ZeroRun { pass, start, count } if receiving => {
                 self.check_pass(pass)?;
                 self.layout_checked(|l| l.check_range(start, count))?;
+                if state != DestState::Receiving && self.tracks_missing() {
+                    self.push_zero(start, count, sink)?;
+                    self.maybe_done(actions);
+                    return Ok(());
+                }
                 self.check_counts(0, count)?;
                 sink.write_zero(start, count).map_err(DestError::Sink)?;
                 self.progress.zero_pages += count;
@@ -378,14 +453,44 @@ impl DestinationSession {
                         pages: n,
                     });
                 }
+                if state != DestState::Receiving && self.tracks_missing() {
+                    self.push_batch(&b.set, &b.data, sink)?;
+                    self.maybe_done(actions);
+                    return Ok(());
+                }
                 self.check_counts(n as u64, 0)?;
                 write_batch(sink, &b.set, &b.data)?;
+                if let Some(r) = &mut self.received {
+                    r.mark(&b.set);
+                }
+                self.progress.pages += n as u64;
+                self.maybe_complete(actions);
+                Ok(())
+            }
+            // Deltas only in pre-copy passes: after a post-copy switchover
+            // the destination's copy of a dirty page is gone, not a base.
+            Frame::XorPageBatch(b) if state == DestState::Receiving => {
+                self.check_pass(b.pass)?;
+                self.layout_checked(|l| l.check_range(b.set.first(), b.set.span()))?;
+                let Some(received) = &self.received else {
+                    return Err(unexpected);
+                };
+                let n = b.set.len();
+                if b.deltas.len() != n * PAGE_SIZE || b.crcs.len() != n {
+                    return Err(DestError::DataLength {
+                        len: b.deltas.len(),
+                        pages: n,
+                    });
+                }
+                self.check_counts(n as u64, 0)?;
+                delta::reconstruct(&b, received, sink, &mut self.delta_buf)?;
+                write_batch(sink, &b.set, &self.delta_buf)?;
                 self.progress.pages += n as u64;
                 self.maybe_complete(actions);
                 Ok(())
             }
             Frame::PageReply { id, index, data }
-                if state == (DestState::SwitchedOver { postcopy: true }) =>
+                if state == (DestState::SwitchedOver { postcopy: true }) || late_postcopy =>
             {
                 let count = data.len() / PAGE_SIZE;
                 match self.requests.get(&id) {
@@ -399,13 +504,15 @@ impl DestinationSession {
                     });
                 }
                 self.layout_checked(|l| l.check_range(index, count as u64))?;
-                sink.write_pages(index, &data).map_err(DestError::Sink)?;
+                let written = self.install(index, &data, sink)?;
+                self.postcopy_stats.pages_from_replies += written;
                 self.requests.remove(&id);
                 actions.push(DestAction::PageReplyReceived {
                     id,
                     index,
                     count: count as u32,
                 });
+                self.maybe_done(actions);
                 Ok(())
             }
             Frame::State { blob } if state == DestState::Receiving && self.pass_idle() => {
@@ -414,8 +521,16 @@ impl DestinationSession {
                 actions.push(DestAction::StateReceived(blob));
                 Ok(())
             }
+            Frame::MissingPages { last, ranges } if state == DestState::StateReceived => {
+                self.missing_chunk(last, &ranges)
+            }
             Frame::Switchover { postcopy } if state == DestState::StateReceived => {
                 if postcopy && !self.agreed.contains(Capabilities::POSTCOPY) {
+                    return Err(unexpected);
+                }
+                // A started missing set must be complete, and only
+                // post-copy has one.
+                if self.tracks_missing() && (!postcopy || !self.missing_complete) {
                     return Err(unexpected);
                 }
                 self.state = DestState::SwitchedOver { postcopy };

@@ -25,12 +25,33 @@
 //! them. The source starts pass n+1 only after `Ack(Pass n)`, so an older
 //! copy of a page can never overwrite a newer one. Post-copy `PageRequest`
 //! and `PageReply` go on their own high-priority stream.
+//!
+//! Post-copy (`source/postcopy.rs`, `destination/postcopy.rs`):
+//!
+//! ```text
+//!    │ State, MissingPages*, Switchover{pc} ─────▶ │ SwitchedOver{pc}: missing set
+//!    │ ◀──────────────────────────────── Resumed │ guest runs (downtime ends)
+//!    │ ◀──────── PageRequest / PageReply ───────▶ │ faults (priority stream)
+//!    │ push batches (bulk, near latest fault) ──▶ │ install only missing pages
+//!    │ ◀─────────────────────────────────── Done │ nothing missing
+//!  connection lost: both keep their session; new connection:
+//!    │ Hello{RESUME} ───────────────────────────▶ │ AwaitResume (prepare_resume)
+//!    │ ◀──────────── HelloAck{RESUME}, MissingPages* + re-sent requests
+//! ```
 
+mod delta;
 mod destination;
+mod missing;
 mod source;
 
-pub use destination::{DestAction, DestError, DestOptions, DestState, DestinationSession};
-pub use source::{PassStats, SourceError, SourceEvent, SourceOptions, SourceSession, SourceState};
+pub use delta::Compression;
+pub use destination::{
+    DestAction, DestError, DestOptions, DestPostcopyStats, DestState, DestinationSession,
+};
+pub use missing::PageBitmap;
+pub use source::{
+    PassStats, PostcopyStats, SourceError, SourceEvent, SourceOptions, SourceSession, SourceState,
+};
 
 use crate::layout::{PageIndex, PAGE_SIZE};
 
@@ -49,6 +70,18 @@ pub trait PageSink {
     /// Makes `count` pages from `start` read as zero (a page that was sent
     /// before may have held data).
     fn write_zero(&mut self, start: PageIndex, count: u64) -> std::io::Result<()>;
+
+    /// Copies what page `index` holds now into `out`: the base an
+    /// `XorPageBatch` delta is applied to (only asked for pages written with
+    /// data before). The default says unsupported; a destination whose sink
+    /// keeps it must not agree on [`Capabilities::XOR_DELTA`]
+    /// (`DestOptions::capabilities`), or every delta fails the migration.
+    ///
+    /// [`Capabilities::XOR_DELTA`]: crate::codec::Capabilities::XOR_DELTA
+    fn read_back(&self, index: PageIndex, out: &mut [u8; PAGE_SIZE]) -> std::io::Result<()> {
+        let _ = (index, out);
+        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    }
 
     /// Writes consecutive pages; `data` is a whole number of pages. Override
     /// to copy a run with one `memcpy`.

@@ -2,8 +2,13 @@
 //! detection, batching, optional zstd), state and switchover, and post-copy
 //! page requests.
 
+mod postcopy;
+
 use std::collections::VecDeque;
 
+pub use postcopy::PostcopyStats;
+
+use super::delta::{Compression, DeltaCache, DeltaEncoder};
 use super::PageSource;
 use crate::codec::encode::{begin, finish, put_batch_fixed, put_offsets};
 use crate::codec::{
@@ -30,6 +35,9 @@ pub struct SourceOptions {
     pub max_streams: u16,
     /// Offer post-copy.
     pub postcopy: bool,
+    /// Bytes of last-sent page versions kept for XOR deltas (at most one
+    /// slot per guest page); below one page, `XOR_DELTA` is not offered.
+    pub delta_cache_bytes: u64,
 }
 
 impl Default for SourceOptions {
@@ -43,6 +51,7 @@ impl Default for SourceOptions {
             batch_pages: 64,
             max_streams: 4,
             postcopy: false,
+            delta_cache_bytes: 64 << 20,
         }
     }
 }
@@ -65,6 +74,11 @@ pub enum SourceState {
     SwitchedOver {
         postcopy: bool,
     },
+    /// Post-copy resume hello sent on a new connection; `acked` once the
+    /// `HelloAck` arrived (the missing set follows).
+    Resuming {
+        acked: bool,
+    },
     Done,
     Failed,
 }
@@ -84,6 +98,20 @@ pub struct PassStats {
     /// Page bytes that went into compressed batches, and what they became.
     pub compressed_in: u64,
     pub compressed_out: u64,
+    /// Pages sent as XOR deltas, the raw bytes they stood for and the wire
+    /// bytes of their frames (headers included).
+    pub delta_pages: u64,
+    pub delta_in: u64,
+    pub delta_wire_bytes: u64,
+    /// Pages that could not be deltas because the cache lacked them (too
+    /// many means the cache is too small for the dirty set).
+    pub delta_cache_misses: u64,
+    /// Cached pages sent normally because the delta was not smaller.
+    pub delta_rejected: u64,
+    /// Time spent in zstd and XOR encoding (batches with compression or a
+    /// delta cache only): the CPU price of the two, for deciding whether
+    /// the link or the CPU is the bottleneck.
+    pub encode_nanos: u64,
 }
 
 impl PassStats {
@@ -109,8 +137,16 @@ pub enum SourceEvent {
         index: PageIndex,
         count: u32,
     },
-    /// The destination runs the guest.
+    /// Post-copy: the destination resumed the guest (end of the downtime).
+    Resumed,
+    /// A post-copy resume was accepted; `missing` pages are left to push.
+    ResumeAccepted {
+        missing: u64,
+    },
+    /// The destination runs the guest (post-copy: and holds every page).
     Done,
+    /// Post-copy, after `Done`: the destination's numbers.
+    Report(crate::codec::PostcopyReport),
 }
 
 /// Why the source cannot go on.
@@ -224,10 +260,21 @@ pub struct SourceSession {
     offsets: Vec<u32>,
     /// Switched over in post-copy mode: page requests are served from now on.
     postcopy_active: bool,
+    /// Wanted encodings; `encoder` and `delta` follow them where agreed.
+    compression: Compression,
+    /// The XOR delta cache, once `XOR_DELTA` was agreed.
+    delta: Option<DeltaEncoder>,
+    /// Post-copy push set, when the switchover named the missing pages.
+    push: Option<postcopy::Push>,
+    postcopy_stats: PostcopyStats,
 }
 
 impl SourceSession {
     pub fn new(layout: MemoryLayout, opts: SourceOptions) -> Result<Self, SourceError> {
+        let compression = Compression {
+            zstd: opts.compress,
+            delta: opts.delta_cache_bytes > 0,
+        };
         if opts.batch_pages == 0 || opts.batch_pages > MAX_BATCH_PAGES {
             return Err(SourceError::Options);
         }
@@ -244,6 +291,10 @@ impl SourceSession {
             scratch: Vec::new(),
             offsets: Vec::new(),
             postcopy_active: false,
+            compression,
+            delta: None,
+            push: None,
+            postcopy_stats: PostcopyStats::default(),
         })
     }
 
@@ -284,7 +335,41 @@ impl SourceSession {
         if self.opts.postcopy {
             caps = caps | Capabilities::POSTCOPY;
         }
+        if self.opts.delta_cache_bytes >= PAGE_SIZE as u64 {
+            caps = caps | Capabilities::XOR_DELTA;
+        }
         caps
+    }
+
+    /// Switches zstd and XOR deltas on or off for the page frames that
+    /// follow (e.g. deltas only while the link, not the CPU, limits the
+    /// migration; see `PassStats::encode_nanos`). Each takes effect only if
+    /// the peer agreed on it. The delta cache is kept up to date while
+    /// deltas are off, so switching them on pays off at once.
+    pub fn set_compression(&mut self, compression: Compression) -> Result<(), SourceError> {
+        self.compression = compression;
+        self.apply_compression()
+    }
+
+    /// The encodings asked for (see [`set_compression`](Self::set_compression)).
+    pub fn compression(&self) -> Compression {
+        self.compression
+    }
+
+    /// Makes the encoder match the wanted and agreed compression, and sets
+    /// up the delta cache once `XOR_DELTA` is agreed.
+    fn apply_compression(&mut self) -> Result<(), SourceError> {
+        let zstd = self.compression.zstd && self.agreed.contains(Capabilities::ZSTD);
+        if zstd != self.encoder.compresses() {
+            self.encoder = Encoder::new(zstd.then_some(self.opts.zstd_level))?;
+        }
+        if self.delta.is_none() && self.agreed.contains(Capabilities::XOR_DELTA) {
+            let cache = DeltaCache::new(self.opts.delta_cache_bytes, self.layout.total_pages());
+            self.delta = cache
+                .map(|c| DeltaEncoder::new(c, self.opts.zstd_level))
+                .transpose()?;
+        }
+        Ok(())
     }
 
     /// Appends the `Hello` (control stream).
@@ -347,7 +432,9 @@ impl SourceSession {
 
     /// Appends the next page frame of the open pass (a bulk stream of the
     /// caller's choice); returns its type, or `None` once the pass has
-    /// nothing more to send (then call [`end_pass`](Self::end_pass)).
+    /// nothing more to send (then call [`end_pass`](Self::end_pass)). A
+    /// batch split into an `XorPageBatch` and a normal batch appends both
+    /// (the type returned is the first's); send them on one stream.
     pub fn next_frame(
         &mut self,
         src: &(impl PageSource + ?Sized),
@@ -390,6 +477,10 @@ impl SourceSession {
         }
         .encode(out)?;
         self.current.zero_pages += r.count;
+        if let Some(d) = &mut self.delta {
+            // The destination's copy is zero now, not the cached data.
+            d.cache.invalidate(r);
+        }
         Ok(FrameType::ZeroRun)
     }
 
@@ -401,7 +492,10 @@ impl SourceSession {
         src: &(impl PageSource + ?Sized),
         out: &mut Vec<u8>,
     ) -> Result<Option<FrameType>, SourceError> {
-        let compress = self.encoder.compresses();
+        // With a delta cache pages also go to `scratch`: they are cached and
+        // may be split into a delta and a normal frame.
+        let via_delta = self.delta.is_some();
+        let compress = self.encoder.compresses() || via_delta;
         // Without compression pages are read straight into the frame; with
         // it they go to `scratch` first and only zstd output is copied.
         let start = out.len();
@@ -460,11 +554,17 @@ impl SourceSession {
             Err(e)
         } else if n == 0 {
             Ok(None)
-        } else if compress {
-            self.encoder
-                .encode_batch(pass, &set, &scratch, out)
+        } else if let Some(d) = self.delta.as_mut() {
+            let use_delta = self.compression.delta && !self.postcopy_active;
+            let (encoder, stats) = (&mut self.encoder, &mut self.current);
+            d.encode_batch(pass, &set, &scratch, use_delta, encoder, out, stats)
                 .map(Some)
-                .map_err(SourceError::from)
+        } else if compress {
+            let started = std::time::Instant::now();
+            let ty = self.encoder.encode_batch(pass, &set, &scratch, out);
+            let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.current.encode_nanos += nanos;
+            ty.map(Some).map_err(SourceError::from)
         } else {
             let mut fixed = Vec::with_capacity(BATCH_FIXED_LEN);
             put_batch_fixed(&mut fixed, pass, &set);
@@ -475,6 +575,11 @@ impl SourceSession {
         };
         self.scratch = scratch;
         match ty {
+            Ok(Some(ty)) if via_delta => {
+                // The delta encoder counted its frames (one or two).
+                self.current.pages += n as u64;
+                Ok(Some(ty))
+            }
             Ok(Some(ty)) => {
                 self.current.pages += n as u64;
                 self.current.batches += 1;
@@ -516,6 +621,10 @@ impl SourceSession {
             zero_pages = s.zero_pages,
             wire_bytes = s.wire_bytes,
             ratio = s.compression_ratio(),
+            delta_pages = s.delta_pages,
+            delta_wire_bytes = s.delta_wire_bytes,
+            delta_cache_misses = s.delta_cache_misses,
+            encode_ms = s.encode_nanos / 1_000_000,
             "pass sent"
         );
         self.history.push(s);
@@ -607,9 +716,7 @@ impl SourceSession {
                     });
                 }
                 self.agreed = self.offered().intersect(ack.capabilities);
-                if self.agreed.contains(Capabilities::ZSTD) {
-                    self.encoder = Encoder::new(Some(self.opts.zstd_level))?;
-                }
+                self.apply_compression()?;
                 self.state = SourceState::Idle;
                 Ok(Some(SourceEvent::Accepted(*ack)))
             }
@@ -624,6 +731,24 @@ impl SourceSession {
             (Frame::Ack(AckWhat::State), SourceState::SwitchedOver { .. }) => {
                 Ok(Some(SourceEvent::StateAcked))
             }
+            (Frame::Resumed, SourceState::SwitchedOver { postcopy: true }) => {
+                Ok(Some(SourceEvent::Resumed))
+            }
+            (Frame::Refuse { code, message }, SourceState::Resuming { acked: false }) => {
+                Err(SourceError::Refused {
+                    code: *code,
+                    message: message.clone(),
+                })
+            }
+            (Frame::HelloAck(ack), SourceState::Resuming { acked: false }) => {
+                self.resume_acked(ack.capabilities)?;
+                Ok(None)
+            }
+            (Frame::MissingPages { last, ranges }, SourceState::Resuming { acked: true }) => {
+                Ok(self
+                    .resume_missing(*last, ranges)?
+                    .map(|missing| SourceEvent::ResumeAccepted { missing }))
+            }
             (Frame::Done, _)
                 if self.postcopy_active
                     || matches!(self.state, SourceState::SwitchedOver { .. }) =>
@@ -631,9 +756,13 @@ impl SourceSession {
                 self.state = SourceState::Done;
                 Ok(Some(SourceEvent::Done))
             }
+            (Frame::PostcopyReport(r), SourceState::Done) if self.postcopy_active => {
+                Ok(Some(SourceEvent::Report(*r)))
+            }
             (Frame::PageRequest { id, index, count }, _) if self.postcopy_active => {
                 self.layout.check_range(*index, u64::from(*count))?;
                 self.reply(*id, *index, *count, src, out)?;
+                self.note_request(*index, *count);
                 Ok(Some(SourceEvent::PageServed {
                     id: *id,
                     index: *index,

@@ -15,7 +15,7 @@ pub struct TuningArgs {
     /// per step) or adaptive (from the measured dirty rate and bandwidth).
     #[arg(long, value_enum, value_name = "STEP")]
     pub auto_converge_step: Option<StepArg>,
-    /// Switch to post-copy as soon as the first pass is sent (implies
+    /// Switch to post-copy at once, after the first chunk of the first pass (implies
     /// allowing post-copy).
     #[arg(long)]
     pub post_copy_now: bool,

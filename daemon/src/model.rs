@@ -496,8 +496,8 @@ pub struct MigrationOverrides {
     pub bandwidth_per_migration: Option<Quantity>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_limit: Option<HumanDuration>,
-    /// Switch to post-copy as soon as the first pass is sent (implies
-    /// `allowPostCopy`).
+    /// Switch to post-copy at once, after the first chunk of the first pass
+    /// (implies `allowPostCopy`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub post_copy_now: bool,
 }

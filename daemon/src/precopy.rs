@@ -87,7 +87,12 @@ impl MigrationEngine for PrecopyEngine {
             return;
         };
         let (cancel_tx, cancel) = watch::channel(false);
-        let (switch_tx, switch) = watch::channel(record.switch_requested);
+        let post_copy_now = record
+            .migration_configuration
+            .as_ref()
+            .is_some_and(|c| c.post_copy_now);
+        // Post-copy now: the first pass is cut after its first chunk.
+        let (switch_tx, switch) = watch::channel(record.switch_requested || post_copy_now);
         let (resume_tx, resume) = watch::channel(0);
         self.lock().insert(
             record.name.clone(),

@@ -566,3 +566,82 @@ fn completion_timeout_fails_and_guest_stays() {
     assert!(took <= limit + Duration::from_secs(10), "{took:?} {done:?}");
     assert_guest_stayed(&c, "hog");
 }
+
+// ---------------------------------------------------------------------------
+// Post-copy survives a link cut: both sides keep their part of the guest,
+// the source dials again and the push continues.
+
+/// Length of the cut in post-copy (the 10 s).
+const POST_COPY_CUT: Duration = Duration::from_secs(10);
+
+#[test]
+fn post_copy_survives_a_ten_second_link_cut() {
+    let test = "post_copy_survives_a_ten_second_link_cut";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let Some(ns) = netns_or_skip(test) else {
+        return;
+    };
+    // The 2 s keepalive window makes both sides declare the peer lost
+    // during the cut, so the reconnect path runs (with the default 30 s
+    // window QUIC would just retransmit).
+    let c = keepalive_cluster(&ns, KEEPALIVE);
+    let mut link = LinkCut::new(&ns, CutMethod::Nftables).expect("nft");
+    create_filled_vm(&c, "db");
+    let m = migrate_with(
+        &c,
+        "db",
+        true,
+        MigrationOverrides {
+            bandwidth_per_migration: Some(Quantity::mib(16)),
+            post_copy_now: true,
+            ..MigrationOverrides::default()
+        },
+    );
+    // Pass 0 (256 MiB at 16 MiB/s) is cut short at once; post-copy then
+    // has ~256 MiB to push at 16 MiB/s: the cut lands in the middle.
+    let running = c.wait_migration(A, &m.name, FINAL_TIMEOUT, |m| {
+        m.phase.is_final() || m.post_copy_start_timestamp.is_some()
+    });
+    assert!(!running.phase.is_final(), "{running:?}\n{}", logs(&c));
+    assert_eq!(running.mode, migrated::model::MigrationMode::PostCopy);
+    // Cancel is refused now, with the reason.
+    let refused = c.ctl(A, &["cancel", &m.name]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("post-copy"),
+        "{}",
+        stderr(&refused)
+    );
+
+    link.cut().expect("cut link");
+    // The source keeps serving the guest paused; the target's guest waits
+    // for its missing pages. Neither gives up during the cut.
+    std::thread::sleep(POST_COPY_CUT);
+    let during = c
+        .block_on(c.client(A).get_migration(&m.name))
+        .expect("record");
+    assert!(!during.phase.is_final(), "{during:?}\n{}", logs(&c));
+    link.restore().expect("restore link");
+
+    let done = c.wait_migration(A, &m.name, FINAL_TIMEOUT, |m| m.phase.is_final());
+    assert_eq!(
+        done.phase,
+        MigrationPhase::Succeeded,
+        "{done:?}\n{}",
+        logs(&c)
+    );
+    assert!(done.reconnects >= 1, "no reconnect: {done:?}");
+    assert_eq!(done.memory_digest_matched, Some(true), "{done:?}");
+    assert!(done.remote_faults > 0, "{done:?}");
+    eprintln!(
+        "MEASURED post-copy with a {POST_COPY_CUT:?} cut: {} reconnects, {} remote faults, downtime {:?} ms",
+        done.reconnects, done.remote_faults, done.actual_downtime_ms
+    );
+    let on_b = c.block_on(c.client(B).get_vm("db")).expect("vm on B");
+    assert_eq!(on_b.status.phase, VmPhase::Running, "{on_b:?}");
+    c.assert_guest_alive(B, "db", GAP);
+    assert!(c.block_on(c.client(A).get_vm("db")).is_err(), "still on A");
+    assert!(c.vmm_pids(A, "db").is_empty(), "a vmm is left on A");
+}

@@ -47,9 +47,13 @@ const SWITCHOVER_FLOOR: u64 = 64 * PAGE;
 
 const PERSIST_EVERY: Duration = Duration::from_millis(500);
 /// Most pages in one transport pass. An iteration over a large dirty set
-/// is sent as several passes, so that a cancel or a switch to post-copy
-/// takes effect within one chunk (64 MiB) instead of a whole iteration.
+/// is sent as several passes, so that a switch to post-copy or the
+/// completion deadline takes effect within one chunk (64 MiB, or about a
+/// second's worth under a bandwidth cap) instead of a whole iteration.
 const PASS_CHUNK_PAGES: u64 = 16 * 1024;
+/// Fewest pages in a chunk (1 MiB): below that the per-pass round trip
+/// would cost more than it saves.
+const MIN_CHUNK_PAGES: u64 = 256;
 /// Wire rate below which a link counts as slower than compression.
 const COMPRESS_BELOW: f64 = 256.0 * 1024.0 * 1024.0;
 /// QEMU's auto-converge trigger: an iteration dirtied more than this share
@@ -578,7 +582,12 @@ impl Transfer<'_> {
         zero: Vec<PageRange>,
         deadline: Instant,
     ) -> Result<Iteration, MigrateOutError> {
-        let mut chunks = chunk_ranges(pages, PASS_CHUNK_PAGES).into_iter();
+        let cap = self.ctx.config.bandwidth_per_migration.bytes();
+        let chunk = match cap {
+            0 => PASS_CHUNK_PAGES,
+            n => (n / PAGE).clamp(MIN_CHUNK_PAGES, PASS_CHUNK_PAGES),
+        };
+        let mut chunks = chunk_ranges(pages, chunk).into_iter();
         let mut zero = zero;
         let mut guest_bytes = 0;
         let mut first = true;

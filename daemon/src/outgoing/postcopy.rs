@@ -135,6 +135,23 @@ impl Transfer<'_> {
             }
             r => r,
         };
+        // The record learns the switchover downtime as soon as the target
+        // runs the guest, not when post-copy ends.
+        let resumed = self.driver.watch_resumed();
+        let handle = self.handle.clone();
+        let mut recorder = tokio::spawn(async move {
+            if let Ok(at) = resumed.await {
+                let downtime = at.saturating_duration_since(t0).saturating_sub(digest_time);
+                info!(
+                    downtime_ms = downtime.as_millis() as u64,
+                    "guest runs on the target"
+                );
+                update(&handle, |r| {
+                    r.actual_downtime_ms = Some((downtime.as_millis() as u64).max(1));
+                    r.post_copy_start_timestamp = Some(Timestamp::now());
+                });
+            }
+        });
         let mut downtime_recorded = false;
         loop {
             if result.is_ok() {
@@ -144,19 +161,10 @@ impl Transfer<'_> {
                     .await
                     .map(|_| ());
             }
-            if !downtime_recorded {
-                if let Some(at) = self.driver.resumed_at() {
-                    downtime_recorded = true;
-                    let downtime = at.saturating_duration_since(t0).saturating_sub(digest_time);
-                    info!(
-                        downtime_ms = downtime.as_millis() as u64,
-                        "guest runs on the target"
-                    );
-                    update(self.handle, |r| {
-                        r.actual_downtime_ms = Some((downtime.as_millis() as u64).max(1));
-                        r.post_copy_start_timestamp = Some(Timestamp::now());
-                    });
-                }
+            if !downtime_recorded && self.driver.resumed_at().is_some() {
+                downtime_recorded = true;
+                // The recorder has it (or is about to): let it finish.
+                let _ = (&mut recorder).await;
             }
             self.record_post_copy(&mut p);
             let e = match result {

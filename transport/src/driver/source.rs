@@ -57,6 +57,8 @@ pub struct SourceDriver {
     served: u64,
     /// When the destination reported the guest resumed (post-copy).
     resumed_at: Option<Instant>,
+    /// Told the moment `Resumed` arrives (see `watch_resumed`).
+    resumed_tx: Option<tokio::sync::oneshot::Sender<Instant>>,
 }
 
 impl SourceDriver {
@@ -80,6 +82,7 @@ impl SourceDriver {
             pool: BufferPool::new(POOL_KEEP),
             served: 0,
             resumed_at: None,
+            resumed_tx: None,
         }
     }
 
@@ -226,6 +229,20 @@ impl SourceDriver {
         self.resumed_at
     }
 
+    /// A receiver told the moment the destination reports the guest
+    /// running, while [`serve_until_done`](Self::serve_until_done) still
+    /// runs (so the caller can record it at once).
+    pub fn watch_resumed(&mut self) -> tokio::sync::oneshot::Receiver<Instant> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        match self.resumed_at {
+            Some(at) => {
+                let _ = tx.send(at);
+            }
+            None => self.resumed_tx = Some(tx),
+        }
+        rx
+    }
+
     /// Post-copy: answers page requests on the priority stream as soon as
     /// they arrive while pushing the remaining pages on the bulk streams
     /// (rate-limited by the migration's limiter; requests are not), until
@@ -284,7 +301,13 @@ impl SourceDriver {
                     let inbound = inbound.unwrap_or(Err(DriverError::StreamsEnded));
                     match self.handle_inbound(session, src, inbound).await? {
                         None | Some(SourceEvent::PageServed { .. }) => {}
-                        Some(SourceEvent::Resumed) => self.resumed_at = Some(Instant::now()),
+                        Some(SourceEvent::Resumed) => {
+                            let now = Instant::now();
+                            self.resumed_at = Some(now);
+                            if let Some(tx) = self.resumed_tx.take() {
+                                let _ = tx.send(now);
+                            }
+                        }
                         Some(SourceEvent::Done) => return Ok(true),
                         Some(other) => {
                             return Err(self.unexpected(session, "serve_until_done", other).await)

@@ -509,8 +509,8 @@ fn record_duration(m: &MigrationRecord) -> Duration {
     end.duration_since(start).unwrap_or_default()
 }
 
-/// The dirty set never shrinks below its first size, so the progress
-/// timeout fires at the first iteration boundary 5 s after that.
+/// The dirty set never shrinks below its size after pass 0, so the
+/// progress timeout fires at the engine's first check 5 s after that.
 #[test]
 fn progress_timeout_fails_and_guest_stays() {
     if !kvm_or_skip("progress_timeout_fails_and_guest_stays") {
@@ -531,7 +531,9 @@ fn progress_timeout_fails_and_guest_stays() {
     );
     assert_failed_with(&c, &done, "progress_timeout");
     assert!(!done.abort_requested, "{done:?}");
-    assert!(done.passes >= 2, "{done:?}");
+    // Pass 0 finished (progress is measured against the dirty set after
+    // it); the engine may stop inside the next iteration.
+    assert!(done.passes >= 1, "{done:?}");
     assert!(
         took >= Duration::from_secs(progress_timeout),
         "{took:?} {done:?}"

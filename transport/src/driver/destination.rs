@@ -13,7 +13,7 @@ use quinn::SendStream;
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
-use super::reader::{spawn_readers, Inbound};
+use super::reader::{spawn_readers, Inbound, InboundQueue};
 use super::{DriverError, LatencyStats, StreamRole};
 use crate::codec::{Frame, Hello, PassEnd};
 use crate::endpoint::DestinationStreams;
@@ -75,7 +75,7 @@ pub struct DestinationDriver {
     control: mpsc::UnboundedSender<Vec<u8>>,
     control_task: Option<JoinHandle<Result<(), DriverError>>>,
     priority: SendStream,
-    inbound: mpsc::Receiver<Inbound>,
+    inbound: InboundQueue,
     _readers: JoinSet<()>,
     events: VecDeque<DestEvent>,
     buf: Vec<u8>,

@@ -18,17 +18,50 @@ pub(crate) type Inbound = Result<(StreamRole, Frame), DriverError>;
 /// (at most this many frames of at most one batch each).
 pub(crate) const INBOUND_FRAMES: usize = 64;
 
-/// Spawns one reader task per stream, all feeding one queue. The queue
-/// closes once every stream has ended.
-pub(crate) fn spawn_readers(
-    streams: Vec<(StreamRole, RecvStream)>,
-) -> (mpsc::Receiver<Inbound>, JoinSet<()>) {
-    let (tx, rx) = mpsc::channel(INBOUND_FRAMES);
+/// Frames from the reader tasks: control and post-copy frames in one
+/// queue, page frames of the bulk streams in another, so that a reply a
+/// vCPU waits for never queues behind a backlog of pushed pages.
+#[derive(Debug)]
+pub(crate) struct InboundQueue {
+    urgent: mpsc::Receiver<Inbound>,
+    bulk: mpsc::Receiver<Inbound>,
+}
+
+impl InboundQueue {
+    /// The next frame, control and priority streams first; `None` once
+    /// every stream has ended. Cancel-safe (both receivers are).
+    pub(crate) async fn recv(&mut self) -> Option<Inbound> {
+        tokio::select! {
+            biased;
+            Some(x) = self.urgent.recv() => Some(x),
+            Some(x) = self.bulk.recv() => Some(x),
+            else => None,
+        }
+    }
+
+    /// A frame that is already waiting, urgent ones first.
+    pub(crate) fn try_recv(&mut self) -> Option<Inbound> {
+        self.urgent
+            .try_recv()
+            .or_else(|_| self.bulk.try_recv())
+            .ok()
+    }
+}
+
+/// Spawns one reader task per stream, feeding the queue; it ends once
+/// every stream has ended.
+pub(crate) fn spawn_readers(streams: Vec<(StreamRole, RecvStream)>) -> (InboundQueue, JoinSet<()>) {
+    let (urgent_tx, urgent) = mpsc::channel(INBOUND_FRAMES);
+    let (bulk_tx, bulk) = mpsc::channel(INBOUND_FRAMES);
     let mut tasks = JoinSet::new();
     for (role, stream) in streams {
-        tasks.spawn(read_frames(stream, role, tx.clone()));
+        let tx = match role {
+            StreamRole::Bulk(_) => bulk_tx.clone(),
+            _ => urgent_tx.clone(),
+        };
+        tasks.spawn(read_frames(stream, role, tx));
     }
-    (rx, tasks)
+    (InboundQueue { urgent, bulk }, tasks)
 }
 
 async fn read_frames(mut stream: RecvStream, role: StreamRole, out: mpsc::Sender<Inbound>) {

@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::debug;
 
-use super::reader::{spawn_readers, Inbound};
+use super::reader::{spawn_readers, Inbound, InboundQueue};
 use super::{DriverError, StreamRole};
 use crate::codec::pool::BufferPool;
 use crate::codec::{HelloAck, ReasonCode};
@@ -48,7 +48,7 @@ pub struct SourceDriver {
     bulk: Vec<SendStream>,
     next_bulk: usize,
     limiter: RateLimiter,
-    inbound: mpsc::Receiver<Inbound>,
+    inbound: InboundQueue,
     _readers: JoinSet<()>,
     out: Vec<u8>,
     /// Page frame buffers, back from quinn once it no longer needs them.
@@ -118,7 +118,7 @@ impl SourceDriver {
         loop {
             // An abort from the destination must stop us mid-pass.
             // Post-copy background passes also serve page requests here.
-            if let Ok(inbound) = self.inbound.try_recv() {
+            if let Some(inbound) = self.inbound.try_recv() {
                 match self.handle_inbound(session, src, inbound).await? {
                     None | Some(SourceEvent::PageServed { .. }) => {}
                     Some(other) => return Err(self.unexpected(session, "send_pass", other).await),

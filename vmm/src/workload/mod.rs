@@ -443,7 +443,7 @@ pub fn load(
     pieces.extend(regions.iter().skip(1).map(|r| (r.gpa, r.size)));
     // A working set as large as all of memory means "everything the guest
     // program itself does not use": the largest free piece.
-    if wss_bytes >= layout.total_bytes() {
+    if wss_bytes == layout.total_bytes() {
         let largest = pieces.iter().map(|p| p.1).max().unwrap_or(0);
         wss_bytes = largest - largest % PAGE;
     }

@@ -225,9 +225,16 @@ fn load_refuses_what_cannot_work() {
         LoadWorkloadError::WssTooSmall { .. }
     ));
     assert!(matches!(
-        e(params(16 << 20), 1, 1),
-        LoadWorkloadError::WssTooLarge { wss_bytes, available } if wss_bytes == 16 << 20 && available < 16 << 20
+        e(params(32 << 20), 1, 1),
+        LoadWorkloadError::WssTooLarge { wss_bytes, available } if wss_bytes == 32 << 20 && available < 16 << 20
     ));
+    // A working set of all of memory takes the largest free piece.
+    let whole = load(&m, &params(16 << 20), 1, 1).expect("wss = memory");
+    assert!(
+        whole.wss_bytes < 16 << 20 && whole.wss_bytes > 15 << 20,
+        "{whole:?}"
+    );
+    assert_eq!(whole.wss_bytes % PAGE, 0);
     assert!(matches!(
         e(params(1 << 20), 1, 0),
         LoadWorkloadError::NoTscFrequency

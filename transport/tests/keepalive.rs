@@ -4,15 +4,15 @@
 //! the window and not much after it.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::UdpSocket;
 use transport::endpoint::{
     Endpoint, EndpointConfig, Keepalive, MigrationId, PeerConnection, TransportError,
 };
-use transport::identity::{ClusterCa, HostName, Validity};
+use transport::identity::{ClusterCa, Validity};
+
+mod common;
+use common::{host, Proxy};
 
 const KEEPALIVE: Keepalive = Keepalive {
     interval: Duration::from_millis(200),
@@ -20,64 +20,6 @@ const KEEPALIVE: Keepalive = Keepalive {
 };
 /// Generous on purpose: the box is a shared 2-core machine.
 const UPPER_SLACK: Duration = Duration::from_millis(1500);
-
-/// Forwards datagrams between one client and `server`, unless blackholed.
-struct Proxy {
-    addr: SocketAddr,
-    blackhole: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Proxy {
-    async fn start(server: SocketAddr) -> Self {
-        let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
-        let addr = socket.local_addr().unwrap();
-        let blackhole = Arc::new(AtomicBool::new(false));
-        let drop_all = blackhole.clone();
-        let task = tokio::spawn(async move {
-            let mut client: Option<SocketAddr> = None;
-            let mut buf = vec![0u8; 65536];
-            loop {
-                let Ok((n, from)) = socket.recv_from(&mut buf).await else {
-                    return;
-                };
-                if drop_all.load(Ordering::SeqCst) {
-                    continue;
-                }
-                let to = if from == server {
-                    match client {
-                        Some(c) => c,
-                        None => continue,
-                    }
-                } else {
-                    client = Some(from);
-                    server
-                };
-                // A full socket buffer is just loss, which QUIC handles.
-                let _ = socket.send_to(&buf[..n], to).await;
-            }
-        });
-        Self {
-            addr,
-            blackhole,
-            task,
-        }
-    }
-
-    fn set_blackhole(&self, on: bool) {
-        self.blackhole.store(on, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn host(name: &str) -> HostName {
-    HostName::new(name).unwrap()
-}
 
 /// Two endpoints with short keepalive settings, connected through a proxy.
 async fn connected_pair() -> (Proxy, PeerConnection, PeerConnection, Vec<Endpoint>) {

@@ -1,4 +1,4 @@
-//! Helpers shared by the post-copy tests: guest memory in a vector, a sink
+//! Helpers shared by the post-copy and keepalive tests: guest memory in a vector, a sink
 //! that counts installs, endpoints with a short keepalive and a UDP proxy
 //! that can blackhole all traffic between them.
 

@@ -163,6 +163,23 @@ async fn passes_above(c: &ApiClient, name: &str, above: u64) -> u64 {
     }
 }
 
+/// Starts a migration of `vm` to host-b.
+async fn migrate_to_b(
+    api: &ApiClient,
+    vm: &str,
+    verify: bool,
+    options: migrated::model::MigrationOverrides,
+) -> MigrationRecord {
+    api.create_migration(&MigrationRequest {
+        vm: vm.into(),
+        target_host: "host-b".into(),
+        verify,
+        options,
+    })
+    .await
+    .unwrap()
+}
+
 /// Polls the migration until it is final.
 async fn finished(c: &ApiClient, name: &str, within: Duration) -> MigrationRecord {
     let deadline = Instant::now() + within;
@@ -222,16 +239,7 @@ async fn migrate_and_check(vm: VmSpec) {
     let before = passes_above(&p.a.api, &name, 0).await;
 
     let started = Instant::now();
-    let m =
-        p.a.api
-            .create_migration(&MigrationRequest {
-                vm: name.clone(),
-                target_host: "host-b".into(),
-                verify: true,
-                options: Default::default(),
-            })
-            .await
-            .unwrap();
+    let m = migrate_to_b(&p.a.api, &name, true, Default::default()).await;
     let m = finished(&p.a.api, &m.name, Duration::from_secs(120)).await;
     let took = started.elapsed();
     assert_eq!(m.phase, MigrationPhase::Succeeded, "{m:?}");
@@ -376,16 +384,7 @@ async fn a_migration_that_cannot_converge_times_out_and_resumes_the_guest() {
     let vm = p.a.api.create_vm(&restless("restless")).await.unwrap();
     let _reaper = Reaper(vec![vm.status.pid.unwrap()]);
     let before = passes_above(&p.a.api, "restless", 0).await;
-    let m =
-        p.a.api
-            .create_migration(&MigrationRequest {
-                vm: "restless".into(),
-                target_host: "host-b".into(),
-                verify: false,
-                options: Default::default(),
-            })
-            .await
-            .unwrap();
+    let m = migrate_to_b(&p.a.api, "restless", false, Default::default()).await;
     let m = finished(&p.a.api, &m.name, Duration::from_secs(60)).await;
     assert_eq!(m.phase, MigrationPhase::Failed, "{m:?}");
     assert_eq!(m.failure_code.as_deref(), Some("progress_timeout"), "{m:?}");
@@ -404,16 +403,7 @@ async fn cancelling_a_running_migration_resumes_the_guest() {
     let vm = p.a.api.create_vm(&restless("fickle")).await.unwrap();
     let _reaper = Reaper(vec![vm.status.pid.unwrap()]);
     let before = passes_above(&p.a.api, "fickle", 0).await;
-    let m =
-        p.a.api
-            .create_migration(&MigrationRequest {
-                vm: "fickle".into(),
-                target_host: "host-b".into(),
-                verify: false,
-                options: Default::default(),
-            })
-            .await
-            .unwrap();
+    let m = migrate_to_b(&p.a.api, "fickle", false, Default::default()).await;
     // Cancel once it is in its dirty passes.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -595,16 +585,7 @@ async fn post_copy(vm_name: &str, options: migrated::model::MigrationOverrides) 
     let vm = p.a.api.create_vm(&restless(vm_name)).await.unwrap();
     let mut reaper = Reaper(vec![vm.status.pid.unwrap()]);
     let before = passes_above(&p.a.api, vm_name, 0).await;
-    let m =
-        p.a.api
-            .create_migration(&MigrationRequest {
-                vm: vm_name.into(),
-                target_host: "host-b".into(),
-                verify: true,
-                options,
-            })
-            .await
-            .unwrap();
+    let m = migrate_to_b(&p.a.api, vm_name, true, options).await;
     let m = finished(&p.a.api, &m.name, Duration::from_secs(150)).await;
     assert_eq!(m.phase, MigrationPhase::Succeeded, "{m:?}");
     assert_eq!(m.mode, migrated::model::MigrationMode::PostCopy, "{m:?}");
@@ -671,16 +652,7 @@ async fn sparse_dirty_passes_go_as_deltas_ten_times_smaller() {
     let mut reaper = Reaper(vec![created.status.pid.unwrap()]);
     // The whole working set written once: every dirty page has a base.
     let before = passes_above(&p.a.api, "sparse", 1).await;
-    let m =
-        p.a.api
-            .create_migration(&MigrationRequest {
-                vm: "sparse".into(),
-                target_host: "host-b".into(),
-                verify: true,
-                options: Default::default(),
-            })
-            .await
-            .unwrap();
+    let m = migrate_to_b(&p.a.api, "sparse", true, Default::default()).await;
     let m = finished(&p.a.api, &m.name, Duration::from_secs(150)).await;
     assert_eq!(m.phase, MigrationPhase::Succeeded, "{m:?}");
     assert_eq!(m.memory_digest_matched, Some(true), "{m:?}");

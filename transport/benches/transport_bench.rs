@@ -25,7 +25,8 @@ use transport::identity::{ClusterCa, HostName, Validity};
 use transport::layout::{MemoryLayout, PageIndex, PageRange, PAGE_SIZE};
 use transport::limiter::RateLimiter;
 use transport::session::{
-    DestOptions, DestinationSession, PageSink, PageSource, SourceOptions, SourceSession,
+    Compression, DestOptions, DestinationSession, PageSink, PageSource, SourceOptions,
+    SourceSession,
 };
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -51,6 +52,12 @@ struct Args {
     /// a profile of it shows only the bulk path.
     #[arg(long)]
     compare_only: bool,
+    /// Only this stream count in the comparison rows (1 or 4; default both).
+    #[arg(long)]
+    streams: Option<u16>,
+    /// Only the page-protocol rows, no raw quinn (for profiling them).
+    #[arg(long)]
+    pages_only: bool,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -304,6 +311,128 @@ async fn raw(pair: &mut Pair, streams: u16, size: u64) -> anyhow::Result<Row> {
     })
 }
 
+/// Spare 1 MiB send buffers for [`raw_copies`]: a buffer comes back when
+/// quinn drops the last view of it (as the driver's frame pool does).
+#[derive(Clone, Default)]
+struct SparePool(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+struct Spare(Vec<u8>, SparePool);
+
+impl AsRef<[u8]> for Spare {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Spare {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.0);
+        let mut spare = self.1 .0.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.len() < 64 {
+            spare.push(buf);
+        }
+    }
+}
+
+/// Plain quinn streams that move guest memory the way any migration must:
+/// the sender copies pages out of guest memory into its send buffers, the
+/// receiver copies what arrives into guest memory. No framing, no CRC, no
+/// sessions: the ceiling for a page protocol over the same streams.
+async fn raw_copies(pair: &mut Pair, streams: u16, size: u64) -> anyhow::Result<Row> {
+    const CHUNK: usize = 1 << 20;
+    let (src, dst) = pair.streams(streams).await?;
+    let mem = std::sync::Arc::new(memory(Content::Random));
+    let per_stream = size / u64::from(streams);
+    let pool = SparePool::default();
+    let mut sinks = Vec::new();
+    for _ in 0..streams {
+        // Touched before the clock starts, like a mapped memfd; together
+        // as large as the page rows' sink.
+        sinks.push(Memory(vec![
+            1u8;
+            BUFFER_PAGES / usize::from(streams) * PAGE_SIZE
+        ]));
+    }
+    let cpu0 = cpu_seconds();
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, mut tx) in src.bulk.into_iter().enumerate() {
+        let (mem, pool) = (mem.clone(), pool.clone());
+        tasks.spawn(async move {
+            let first = i as u64 * per_stream;
+            let mut sent = 0u64;
+            while sent < per_stream {
+                let n = (per_stream - sent).min(CHUNK as u64) as usize;
+                let mut buf = pool
+                    .0
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .pop()
+                    .unwrap_or_else(|| Vec::with_capacity(CHUNK));
+                buf.clear();
+                let mut page = PageIndex((first + sent) / PAGE_SIZE as u64);
+                while buf.len() < n {
+                    let at = Memory::offset(page);
+                    buf.extend_from_slice(&mem.0[at..at + PAGE_SIZE]);
+                    page.0 += 1;
+                }
+                tx.write_chunk(Bytes::from_owner(Spare(buf, pool.clone())))
+                    .await?;
+                sent += n as u64;
+            }
+            tx.finish()?;
+            let _ = tx.stopped().await;
+            anyhow::Ok(None)
+        });
+    }
+    for (i, (mut rx, mut sink)) in dst.bulk.into_iter().zip(sinks).enumerate() {
+        tasks.spawn(async move {
+            let first = i as u64 * per_stream;
+            let mut got = 0u64;
+            while let Some(c) = rx.read_chunk(usize::MAX, true).await? {
+                // Ordered reads: the chunk starts at guest byte
+                // `first + got` (stream offsets also count the stream
+                // header).
+                let mut done = 0;
+                while done < c.bytes.len() {
+                    let guest = first + got + done as u64;
+                    let at = (guest % sink.0.len() as u64) as usize;
+                    let n = (c.bytes.len() - done).min(sink.0.len() - at);
+                    sink.0[at..at + n].copy_from_slice(&c.bytes[done..done + n]);
+                    done += n;
+                }
+                got += c.bytes.len() as u64;
+            }
+            anyhow::Ok(Some((got, sink)))
+        });
+    }
+    let mut received = 0;
+    let mut sinks = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        if let Some((got, sink)) = r?? {
+            received += got;
+            sinks.push(sink);
+        }
+    }
+    let wall = start.elapsed();
+    let cpu = since(cpu0);
+    if received != size {
+        bail!("raw + copies: received {received} bytes");
+    }
+    let covered = (per_stream as usize).min(mem.0.len());
+    if streams == 1 && sinks[0].0[..covered] != mem.0[..covered] {
+        bail!("raw + copies: destination memory differs");
+    }
+    Ok(Row {
+        name: "raw quinn + memory copies".into(),
+        streams,
+        bytes: received,
+        wall,
+        cpu,
+        note: "sender reads, receiver writes guest memory".into(),
+    })
+}
+
 /// One pre-copy pass of `size` bytes through the sessions and drivers.
 async fn pages(
     pair: &mut Pair,
@@ -346,6 +475,9 @@ async fn pages(
     )?;
     let mut driver = SourceDriver::new(src_streams, RateLimiter::unlimited());
     driver.handshake(&mut session, &mem).await?;
+    // As the daemon does: zstd and XOR deltas together (a link-bound
+    // migration), or neither (a CPU-bound one).
+    session.set_compression(Compression { zstd, delta: zstd })?;
     let cpu0 = cpu_seconds();
     let start = Instant::now();
     let stats = driver
@@ -444,8 +576,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut pair = Pair::new(args.mtu).await?;
     let size = args.size;
     let mut rows = Vec::new();
-    for streams in [1, 4] {
-        rows.push(raw(&mut pair, streams, size).await?);
+    let counts = match args.streams {
+        Some(n) => vec![n],
+        None => vec![1, 4],
+    };
+    for streams in counts {
+        if !args.pages_only {
+            rows.push(raw(&mut pair, streams, size).await?);
+            rows.push(raw_copies(&mut pair, streams, size).await?);
+        }
         rows.push(
             pages(
                 &mut pair,
@@ -502,10 +641,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let page = rows
             .iter()
             .find(|r| r.name == "pages Random zstd off" && r.streams == streams);
+        let copies = rows
+            .iter()
+            .find(|r| r.name == "raw quinn + memory copies" && r.streams == streams);
         if let (Some(raw), Some(page)) = (raw, page) {
             println!(
                 "page protocol / raw quinn, {streams} stream(s): {:.0}%",
                 100.0 * page.gib_s() / raw.gib_s()
+            );
+        }
+        if let (Some(copies), Some(page)) = (copies, page) {
+            println!(
+                "page protocol / raw quinn + memory copies, {streams} stream(s): {:.0}%",
+                100.0 * page.gib_s() / copies.gib_s()
             );
         }
     }

@@ -303,6 +303,34 @@ proptest! {
         prop_assert_eq!(fb.pending(), 0);
         prop_assert_eq!(got, frames);
     }
+
+    /// The CRC of a frame that arrives in pieces is taken piece by piece;
+    /// a flipped body bit is still caught, wherever the pieces are cut.
+    #[test]
+    fn frame_buffer_rejects_a_flipped_body_bit_in_any_split(
+        frame in arb_frame(),
+        chunk in 1usize..5000,
+        bit in any::<prop::sample::Index>(),
+    ) {
+        let mut bytes = Vec::new();
+        frame.encode(&mut bytes).unwrap();
+        prop_assume!(bytes.len() > 12);
+        let b = 12 * 8 + bit.index((bytes.len() - 12) * 8);
+        bytes[b / 8] ^= 1 << (b % 8);
+        let mut fb = FrameBuffer::new();
+        let mut result = Ok(None);
+        for piece in bytes.chunks(chunk) {
+            fb.push(piece);
+            result = fb.next_frame();
+            if result.is_err() {
+                break;
+            }
+        }
+        prop_assert!(
+            matches!(result, Err(DecodeError::BadCrc { .. })),
+            "{:?}", result
+        );
+    }
 }
 
 fn frame_bytes(ty: FrameType, body: &[u8]) -> Vec<u8> {

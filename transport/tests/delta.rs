@@ -354,14 +354,22 @@ fn compression_switches_at_runtime() {
         "{types:?}"
     );
 
-    // The cache followed the raw pages sent meanwhile: deltas at once.
+    // Deltas back on: the cache starts empty (it was dropped, not kept up
+    // to date, while deltas were off), so the next pass sends whole pages
+    // and fills it, and the one after goes as deltas.
     pair.src
         .set_compression(Compression {
             zstd: false,
             delta: true,
         })
         .unwrap();
-    let dirty = dirty_sparsely(&mut src, 300, &mut rng);
+    let (s, _) = pair.pass(&dirty, &src, &mut dst);
+    assert_eq!((s.delta_pages, s.delta_cache_misses), (0, 300));
+    for r in &dirty {
+        for p in r.start.0..r.start.0 + r.count {
+            src.page_mut(p)[7] ^= 0x40;
+        }
+    }
     let (s, _) = pair.pass(&dirty, &src, &mut dst);
     assert_eq!(s.delta_pages, 300);
     assert_eq!(s.compressed_batches, 0);

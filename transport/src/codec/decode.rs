@@ -13,9 +13,9 @@ use bytes::Bytes;
 
 use super::pool::{BufferPool, POOLED_CAPACITY};
 use super::{
-    AckWhat, Capabilities, Frame, FrameHeader, FrameType, Hello, HelloAck, PageBatch, PageSet,
-    PassEnd, ReasonCode, XorPageBatch, HEADER_LEN, MAX_BATCH_PAGES, MAX_MESSAGE_LEN,
-    MAX_MISSING_RANGES, MAX_NAME_LEN,
+    AckWhat, Capabilities, Frame, FrameHeader, FrameType, Hello, HelloAck, PageBatch, PageData,
+    PageSet, PassEnd, ReasonCode, XorPageBatch, BATCH_FIXED_LEN, HEADER_LEN, MAX_BATCH_PAGES,
+    MAX_MESSAGE_LEN, MAX_MISSING_RANGES, MAX_NAME_LEN,
 };
 use crate::layout::{
     LayoutError, MemoryLayout, PageIndex, PageRange, Pfn, Region, MAX_GUEST_PAGES, MAX_REGIONS,
@@ -439,7 +439,11 @@ fn decode_batch(r: &mut Reader<'_>, compressed: bool) -> Result<PageBatch, Decod
         r.take_bytes(raw_len)?
     };
     let set = decode_set(r, kind, first, count)?;
-    Ok(PageBatch { pass, set, data })
+    Ok(PageBatch {
+        pass,
+        set,
+        data: data.into(),
+    })
 }
 
 /// Fixed part, `count` CRCs, then the compressed deltas like a compressed
@@ -558,9 +562,97 @@ pub struct FrameBuffer {
     /// The beginning of a frame that is not complete yet; never holds bytes
     /// beyond that frame.
     partial: Vec<u8>,
+    /// CRC32 of the body bytes in `partial`, taken as they are copied in
+    /// (while in cache) instead of in a second pass over the whole frame.
+    crc: crc32fast::Hasher,
     /// What is left of the last chunk pushed.
     chunk: Bytes,
     pool: BufferPool,
+    /// A raw page batch being collected as views of the chunks it arrives
+    /// in, instead of in `partial`.
+    rope: Option<Rope>,
+}
+
+/// Header and fixed part, copied before a batch's pages.
+const BATCH_HEAD: usize = HEADER_LEN + BATCH_FIXED_LEN;
+
+/// A `PageBatch` frame that spans chunks: its pages are kept as views of
+/// the chunks (no copy); the few bytes around them are copied.
+#[derive(Debug)]
+struct Rope {
+    header: FrameHeader,
+    /// The frame header and the batch's fixed part.
+    head: [u8; BATCH_HEAD],
+    pieces: Vec<Bytes>,
+    /// Page bytes still to come.
+    data_left: usize,
+    /// The offsets of a list set, as they come in.
+    tail: Vec<u8>,
+    tail_len: usize,
+    /// Bytes collected so far.
+    buffered: usize,
+}
+
+impl Rope {
+    /// Starts collecting the `PageBatch` whose header is `h` when `chunk`
+    /// holds at least its head and the head is consistent with the length.
+    /// Anything else (including malformed heads) takes the copying path,
+    /// which decodes it and reports exactly what is wrong.
+    fn start(h: &FrameHeader, chunk: &[u8]) -> Option<Self> {
+        let head: [u8; BATCH_HEAD] = *chunk.first_chunk()?;
+        let fixed = &head[HEADER_LEN..];
+        let count = usize::from(u16::from_le_bytes([fixed[12], fixed[13]]));
+        let tail_len = match fixed[14] {
+            0 => 0,
+            1 => 4 * count,
+            _ => return None,
+        };
+        let data_len = count * PAGE_SIZE;
+        let body_len = BATCH_FIXED_LEN + data_len + tail_len;
+        if count == 0 || count > MAX_BATCH_PAGES || body_len != h.body_len as usize {
+            return None;
+        }
+        Some(Self {
+            header: *h,
+            head,
+            pieces: Vec::with_capacity(data_len / 4096 + 2),
+            data_left: data_len,
+            tail: Vec::new(),
+            tail_len,
+            buffered: BATCH_HEAD,
+        })
+    }
+
+    fn is_complete(&self) -> bool {
+        self.data_left == 0 && self.tail.len() == self.tail_len
+    }
+
+    /// The batch, once complete and its CRC checked.
+    fn decode(self) -> Result<Frame, DecodeError> {
+        let mut r = Reader {
+            buf: &self.head[HEADER_LEN..],
+            ty: FrameType::PageBatch,
+            owner: None,
+        };
+        let pass = r.u32()?;
+        let first = r.u64()?;
+        let count = usize::from(r.u16()?);
+        let kind = r.u8()?;
+        let _reserved = r.u8()?;
+        check_pages(count)?;
+        let mut tail = Reader {
+            buf: &self.tail,
+            ty: FrameType::PageBatch,
+            owner: None,
+        };
+        let set = decode_set(&mut tail, kind, first, count)?;
+        tail.end()?;
+        Ok(Frame::PageBatch(PageBatch {
+            pass,
+            set,
+            data: PageData::from_pieces(self.pieces),
+        }))
+    }
 }
 
 impl Default for FrameBuffer {
@@ -577,8 +669,10 @@ impl FrameBuffer {
     pub fn new() -> Self {
         Self {
             partial: Vec::new(),
+            crc: crc32fast::Hasher::new(),
             chunk: Bytes::new(),
             pool: BufferPool::new(POOL_KEEP),
+            rope: None,
         }
     }
 
@@ -605,6 +699,9 @@ impl FrameBuffer {
     /// stream cannot be resynchronised, and what the buffer holds after it
     /// is unspecified.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, DecodeError> {
+        if self.rope.is_some() {
+            return self.feed_rope();
+        }
         if self.partial.is_empty() {
             let Some(h) = peek_header(&self.chunk)? else {
                 self.stash(HEADER_LEN);
@@ -616,6 +713,14 @@ impl FrameBuffer {
                 let body = &frame[HEADER_LEN..];
                 check_crc(&h, body)?;
                 return decode_body(h.frame_type, body, Some(&frame)).map(Some);
+            }
+            if h.frame_type == FrameType::PageBatch {
+                if let Some(rope) = Rope::start(&h, &self.chunk) {
+                    self.crc.update(&rope.head[HEADER_LEN..]);
+                    bytes::Buf::advance(&mut self.chunk, BATCH_HEAD);
+                    self.rope = Some(rope);
+                    return self.feed_rope();
+                }
             }
             // `len` passed the type's cap in peek_header, so this is bounded.
             self.stash(len);
@@ -637,7 +742,13 @@ impl FrameBuffer {
         if self.partial.len() < len {
             return Ok(None);
         }
-        check_crc(&h, &self.partial[HEADER_LEN..])?;
+        let actual = std::mem::take(&mut self.crc).finalize();
+        if actual != h.crc {
+            return Err(DecodeError::BadCrc {
+                expected: h.crc,
+                actual,
+            });
+        }
         if h.frame_type == FrameType::PageBatch || h.frame_type == FrameType::PageReply {
             // The page data stays where it is; the buffer goes with it.
             let frame = self.pool.bytes(std::mem::take(&mut self.partial));
@@ -652,6 +763,42 @@ impl FrameBuffer {
             }
             frame.map(Some)
         }
+    }
+
+    /// Takes what the rope still needs from the chunk (pages as views,
+    /// offsets copied), hashing it on the way; the batch once complete.
+    fn feed_rope(&mut self) -> Result<Option<Frame>, DecodeError> {
+        let Some(rope) = self.rope.as_mut() else {
+            return Ok(None);
+        };
+        if rope.data_left > 0 && !self.chunk.is_empty() {
+            let piece = self.chunk.split_to(rope.data_left.min(self.chunk.len()));
+            self.crc.update(&piece);
+            rope.data_left -= piece.len();
+            rope.buffered += piece.len();
+            rope.pieces.push(piece);
+        }
+        if rope.data_left == 0 && rope.tail.len() < rope.tail_len {
+            let n = (rope.tail_len - rope.tail.len()).min(self.chunk.len());
+            self.crc.update(&self.chunk[..n]);
+            rope.tail.extend_from_slice(&self.chunk[..n]);
+            rope.buffered += n;
+            bytes::Buf::advance(&mut self.chunk, n);
+        }
+        if !rope.is_complete() {
+            return Ok(None);
+        }
+        let Some(rope) = self.rope.take() else {
+            return Ok(None);
+        };
+        let actual = std::mem::take(&mut self.crc).finalize();
+        if actual != rope.header.crc {
+            return Err(DecodeError::BadCrc {
+                expected: rope.header.crc,
+                actual,
+            });
+        }
+        rope.decode().map(Some)
     }
 
     /// Starts assembling a frame of `len` bytes (or a header, when the
@@ -670,13 +817,18 @@ impl FrameBuffer {
     /// bytes long or the chunk is used up.
     fn fill(&mut self, len: usize) {
         let n = len.saturating_sub(self.partial.len()).min(self.chunk.len());
-        self.partial.extend_from_slice(&self.chunk[..n]);
+        let piece = &self.chunk[..n];
+        // Only body bytes count; the header comes first.
+        if let Some(body) = piece.get(HEADER_LEN.saturating_sub(self.partial.len())..) {
+            self.crc.update(body);
+        }
+        self.partial.extend_from_slice(piece);
         bytes::Buf::advance(&mut self.chunk, n);
     }
 
     /// Bytes buffered but not yet decoded.
     pub fn pending(&self) -> usize {
-        self.partial.len() + self.chunk.len()
+        self.partial.len() + self.chunk.len() + self.rope.as_ref().map_or(0, |r| r.buffered)
     }
 }
 
@@ -722,14 +874,14 @@ mod tests {
         let [Frame::PageBatch(b), Frame::PageBatch(c)] = &frames[..] else {
             panic!("expected two page batches, got {frames:?}");
         };
-        assert!(b.data.iter().all(|&x| x == 0xAB));
+        assert!(b.data.to_bytes().iter().all(|&x| x == 0xAB));
         assert_eq!(b.data.len(), 4 * PAGE_SIZE);
         assert_eq!(
-            b.data.as_ptr(),
-            base.wrapping_add(HEADER_LEN + 16),
+            b.data.contiguous().map(<[u8]>::as_ptr),
+            Some(base.wrapping_add(HEADER_LEN + 16)),
             "page data is a view into the buffer the frame was assembled in"
         );
-        assert!(c.data.iter().all(|&x| x == 0xCD));
+        assert!(c.data.to_bytes().iter().all(|&x| x == 0xCD));
         assert_eq!(c.data.len(), PAGE_SIZE);
     }
 
@@ -746,16 +898,19 @@ mod tests {
         let Some(Frame::PageBatch(a)) = fb.next_frame().unwrap() else {
             panic!("expected a page batch");
         };
-        assert_eq!(a.data.as_ptr(), base.wrapping_add(HEADER_LEN + 16));
+        assert_eq!(
+            a.data.contiguous().map(<[u8]>::as_ptr),
+            Some(base.wrapping_add(HEADER_LEN + 16))
+        );
         let Some(Frame::PageBatch(b)) = fb.next_frame().unwrap() else {
             panic!("expected a page batch");
         };
         let second_at = HEADER_LEN + 16 + 2 * PAGE_SIZE;
         assert_eq!(
-            b.data.as_ptr(),
-            base.wrapping_add(second_at + HEADER_LEN + 16)
+            b.data.contiguous().map(<[u8]>::as_ptr),
+            Some(base.wrapping_add(second_at + HEADER_LEN + 16))
         );
-        assert!(b.data.iter().all(|&x| x == 0x22));
+        assert!(b.data.to_bytes().iter().all(|&x| x == 0x22));
         // The cut-off third frame waits for the rest.
         assert!(fb.next_frame().unwrap().is_none());
         assert_eq!(fb.pending(), 100);
@@ -763,8 +918,67 @@ mod tests {
         let Some(Frame::PageBatch(c)) = fb.next_frame().unwrap() else {
             panic!("expected the third batch");
         };
-        assert!(c.data.iter().all(|&x| x == 0x33));
+        assert!(c.data.to_bytes().iter().all(|&x| x == 0x33));
         assert_eq!(fb.pending(), 0);
+    }
+
+    /// A batch spanning chunks (the usual case: a datagram is ~6 KB, a
+    /// batch up to 512 KiB) keeps its pages where the chunks hold them.
+    #[test]
+    fn batch_spanning_chunks_is_kept_as_views_of_the_chunks() {
+        let data: Vec<u8> = (0..3 * PAGE_SIZE).map(|i| (i % 251) as u8).collect();
+        let frame = Frame::PageBatch(PageBatch {
+            pass: 2,
+            set: PageSet::List {
+                first: PageIndex(10),
+                offsets: vec![0, 5, 9],
+            },
+            data: data.clone().into(),
+        });
+        let mut wire = frame.to_bytes().unwrap();
+        wire.extend_from_slice(&batch_frame(1, 0x44));
+        let chunks: Vec<Bytes> = wire.chunks(5952).map(Bytes::copy_from_slice).collect();
+        let mut fb = FrameBuffer::new();
+        let mut frames = Vec::new();
+        for c in &chunks {
+            fb.push_chunk(c.clone());
+            while let Some(f) = fb.next_frame().unwrap() {
+                frames.push(f);
+            }
+        }
+        assert_eq!(fb.pending(), 0);
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[0], frame);
+        let Frame::PageBatch(b) = &frames[0] else {
+            panic!("expected a page batch");
+        };
+        let pieces = b.data.pieces();
+        assert_eq!(pieces.len(), 3);
+        assert_eq!(
+            pieces[0].as_ptr(),
+            chunks[0].as_ptr().wrapping_add(HEADER_LEN + 16)
+        );
+        assert_eq!(pieces[1].as_ptr(), chunks[1].as_ptr());
+        assert!(b.data.contiguous().is_none());
+    }
+
+    #[test]
+    fn bad_crc_in_a_batch_spanning_chunks_is_caught() {
+        let mut wire = batch_frame(3, 0x55);
+        wire[HEADER_LEN + 16 + PAGE_SIZE + 7] ^= 0x10;
+        let mut fb = FrameBuffer::new();
+        let mut result = Ok(None);
+        for c in wire.chunks(5000) {
+            fb.push_chunk(Bytes::copy_from_slice(c));
+            result = fb.next_frame();
+            if result.is_err() {
+                break;
+            }
+        }
+        assert!(
+            matches!(result, Err(DecodeError::BadCrc { .. })),
+            "{result:?}"
+        );
     }
 
     #[test]

@@ -21,10 +21,13 @@
 
 mod decode;
 pub(crate) mod encode;
+mod pagedata;
 pub(crate) mod pool;
 
 pub use decode::{decode, peek_header, DecodeError, FrameBuffer};
 pub use encode::{EncodeError, Encoder};
+pub use pagedata::PageData;
+pub(crate) use pagedata::PageRuns;
 
 use bytes::Bytes;
 
@@ -349,13 +352,14 @@ impl PageSet {
 
 /// Page data for the pages of `set`, in order, `set.len() * 4096` bytes.
 ///
-/// `data` is [`Bytes`] so that a decoded raw batch can point into the
-/// buffer its frame was reassembled in instead of being copied out of it.
+/// `data` is [`PageData`] so that a decoded raw batch points into the
+/// stream chunks it arrived in (or the one buffer of a frame that came in
+/// one chunk) instead of being copied out of them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PageBatch {
     pub pass: u32,
     pub set: PageSet,
-    pub data: Bytes,
+    pub data: PageData,
 }
 
 /// Pages of `set` as XOR deltas: page `i` of the set becomes

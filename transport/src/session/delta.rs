@@ -190,13 +190,17 @@ impl DeltaEncoder {
         out: &mut Vec<u8>,
         stats: &mut PassStats,
     ) -> Result<FrameType, SourceError> {
-        if use_delta {
-            self.split(set, data);
-            stats.delta_cache_misses += self.miss_index.len() as u64;
-        }
-        if !use_delta || self.hit_index.is_empty() {
+        if !use_delta {
             return normal(pass, set, data, encoder, out, stats);
         }
+        if !set.iter().any(|index| self.cache.get(index.0).is_some()) {
+            // No page to delta against (a first pass): the batch goes as
+            // it is, without sorting copies.
+            stats.delta_cache_misses += set.len() as u64;
+            return normal(pass, set, data, encoder, out, stats);
+        }
+        self.split(set, data);
+        stats.delta_cache_misses += self.miss_index.len() as u64;
         let hits = page_set(&self.hit_index);
         let raw = self.xor.len();
         self.zbuf.clear();

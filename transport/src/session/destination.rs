@@ -18,8 +18,8 @@ use super::delta::{self, ReceivedPages};
 use super::missing::PageBitmap;
 use super::PageSink;
 use crate::codec::{
-    AckWhat, Capabilities, DecodeError, Frame, FrameBuffer, FrameType, Hello, HelloAck, PageSet,
-    PassEnd, ReasonCode, MAX_BATCH_PAGES, PROTOCOL_VERSION,
+    AckWhat, Capabilities, DecodeError, Frame, FrameBuffer, FrameType, Hello, HelloAck, PageRuns,
+    PageSet, PassEnd, ReasonCode, MAX_BATCH_PAGES, PROTOCOL_VERSION,
 };
 use crate::layout::{MemoryLayout, OutOfRange, PageIndex, PAGE_SIZE};
 
@@ -484,7 +484,7 @@ impl DestinationSession {
                 }
                 self.check_counts(n as u64, 0)?;
                 delta::reconstruct(&b, received, sink, &mut self.delta_buf)?;
-                write_batch(sink, &b.set, &self.delta_buf)?;
+                write_batch(sink, &b.set, self.delta_buf.as_slice())?;
                 self.progress.pages += n as u64;
                 self.maybe_complete(actions);
                 Ok(())
@@ -602,22 +602,40 @@ impl DestinationSession {
     }
 }
 
-fn write_batch<S: PageSink + ?Sized>(
+fn write_batch<S: PageSink + ?Sized, D: PageRuns + ?Sized>(
     sink: &mut S,
     set: &PageSet,
-    data: &[u8],
+    data: &D,
 ) -> Result<(), DestError> {
+    for_each_page_run(set, data, |index, bytes| match set {
+        PageSet::Run { .. } => sink.write_pages(index, bytes),
+        PageSet::List { .. } => match bytes.first_chunk() {
+            Some(page) => sink.write_page(index, page),
+            None => Ok(()),
+        },
+    })
+    .map_err(DestError::Sink)
+}
+
+/// Calls `f(index, bytes)` for the data of a checked batch (`data` is
+/// `set.len()` pages) in whole pages, in order: consecutive pages of a
+/// `Run` as they lie in one piece of `data`, the pages of a `List` one by
+/// one.
+pub(super) fn for_each_page_run<E, D: PageRuns + ?Sized>(
+    set: &PageSet,
+    data: &D,
+    mut f: impl FnMut(PageIndex, &[u8]) -> Result<(), E>,
+) -> Result<(), E> {
     match set {
-        PageSet::Run { first, .. } => sink.write_pages(*first, data).map_err(DestError::Sink),
-        PageSet::List { .. } => {
-            for (index, page) in set.iter().zip(data.chunks_exact(PAGE_SIZE)) {
-                let page = page.first_chunk().ok_or(DestError::DataLength {
-                    len: data.len(),
-                    pages: set.len(),
-                })?;
-                sink.write_page(index, page).map_err(DestError::Sink)?;
+        PageSet::Run { first, .. } => {
+            data.for_each_run(|page, bytes| f(PageIndex(first.0 + page as u64), bytes))
+        }
+        PageSet::List { first, offsets } => data.for_each_run(|page, bytes| {
+            let pages = bytes.chunks_exact(PAGE_SIZE);
+            for (one, &o) in pages.zip(offsets.iter().skip(page)) {
+                f(PageIndex(first.0 + u64::from(o)), one)?;
             }
             Ok(())
-        }
+        }),
     }
 }

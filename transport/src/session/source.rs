@@ -10,7 +10,7 @@ pub use postcopy::PostcopyStats;
 
 use super::delta::{Compression, DeltaCache, DeltaEncoder};
 use super::PageSource;
-use crate::codec::encode::{begin, finish, put_batch_fixed, put_offsets};
+use crate::codec::encode::{begin, finish_hashed, put_batch_fixed, put_offsets};
 use crate::codec::{
     is_zero_page, AckWhat, Capabilities, EncodeError, Encoder, Frame, FrameType, Hello, HelloAck,
     PageSet, PassEnd, ReasonCode, BATCH_FIXED_LEN, MAX_BATCH_PAGES, PROTOCOL_VERSION,
@@ -262,7 +262,7 @@ pub struct SourceSession {
     postcopy_active: bool,
     /// Wanted encodings; `encoder` and `delta` follow them where agreed.
     compression: Compression,
-    /// The XOR delta cache, once `XOR_DELTA` was agreed.
+    /// The XOR delta cache, while deltas are on and `XOR_DELTA` agreed.
     delta: Option<DeltaEncoder>,
     /// Post-copy push set, when the switchover named the missing pages.
     push: Option<postcopy::Push>,
@@ -344,8 +344,11 @@ impl SourceSession {
     /// Switches zstd and XOR deltas on or off for the page frames that
     /// follow (e.g. deltas only while the link, not the CPU, limits the
     /// migration; see `PassStats::encode_nanos`). Each takes effect only if
-    /// the peer agreed on it. The delta cache is kept up to date while
-    /// deltas are off, so switching them on pays off at once.
+    /// the peer agreed on it. The delta cache exists only while deltas are
+    /// on: keeping it costs a copy of every page sent, which on a fast link
+    /// is a tenth of the throughput. Switching deltas off drops it;
+    /// switching them on starts it empty, so pages sent from then on are
+    /// the ones later passes can send as deltas.
     pub fn set_compression(&mut self, compression: Compression) -> Result<(), SourceError> {
         self.compression = compression;
         self.apply_compression()
@@ -356,14 +359,18 @@ impl SourceSession {
         self.compression
     }
 
-    /// Makes the encoder match the wanted and agreed compression, and sets
-    /// up the delta cache once `XOR_DELTA` is agreed.
+    /// Makes the encoder match the wanted and agreed compression, and keeps
+    /// a delta cache exactly while deltas are wanted and `XOR_DELTA` is
+    /// agreed.
     fn apply_compression(&mut self) -> Result<(), SourceError> {
         let zstd = self.compression.zstd && self.agreed.contains(Capabilities::ZSTD);
         if zstd != self.encoder.compresses() {
             self.encoder = Encoder::new(zstd.then_some(self.opts.zstd_level))?;
         }
-        if self.delta.is_none() && self.agreed.contains(Capabilities::XOR_DELTA) {
+        let delta = self.compression.delta && self.agreed.contains(Capabilities::XOR_DELTA);
+        if !delta {
+            self.delta = None;
+        } else if self.delta.is_none() {
             let cache = DeltaCache::new(self.opts.delta_cache_bytes, self.layout.total_pages());
             self.delta = cache
                 .map(|c| DeltaEncoder::new(c, self.opts.zstd_level))
@@ -510,6 +517,8 @@ impl SourceSession {
         };
         self.offsets.clear();
         let mut first = 0;
+        // CRC of the raw pages, taken while each is still in cache.
+        let mut data_crc = crc32fast::Hasher::new();
         let result = loop {
             if self.offsets.len() >= self.opts.batch_pages
                 || self.cursor.zero_runs.len() >= MAX_PENDING_ZERO_RUNS
@@ -531,6 +540,9 @@ impl SourceSession {
                 target.truncate(pos);
                 self.cursor.push_zero(index);
                 continue;
+            }
+            if !compress {
+                data_crc.update(&target[pos..]);
             }
             if self.offsets.is_empty() {
                 first = index;
@@ -568,9 +580,10 @@ impl SourceSession {
         } else {
             let mut fixed = Vec::with_capacity(BATCH_FIXED_LEN);
             put_batch_fixed(&mut fixed, pass, &set);
-            out[start + crate::codec::HEADER_LEN..][..BATCH_FIXED_LEN].copy_from_slice(&fixed);
+            let data_at = start + crate::codec::HEADER_LEN + BATCH_FIXED_LEN;
+            out[data_at - BATCH_FIXED_LEN..data_at].copy_from_slice(&fixed);
             put_offsets(out, &set);
-            finish(out, start);
+            finish_hashed(out, start, data_at, &data_crc, n * PAGE_SIZE);
             Ok(Some(FrameType::PageBatch))
         };
         self.scratch = scratch;

@@ -6,7 +6,8 @@
 
 use super::{DestAction, DestError, DestState, DestinationSession};
 use crate::codec::{
-    Capabilities, Frame, FrameType, Hello, HelloAck, PageSet, ReasonCode, PROTOCOL_VERSION,
+    Capabilities, Frame, FrameType, Hello, HelloAck, PageData, PageSet, ReasonCode,
+    PROTOCOL_VERSION,
 };
 use crate::layout::{PageIndex, PageRange, PAGE_SIZE};
 use crate::session::missing::PageBitmap;
@@ -169,19 +170,14 @@ impl DestinationSession {
     pub(super) fn push_batch<S: PageSink + ?Sized>(
         &mut self,
         set: &PageSet,
-        data: &[u8],
+        data: &PageData,
         sink: &mut S,
     ) -> Result<(), DestError> {
-        let written = match set {
-            PageSet::Run { first, .. } => self.install(*first, data, sink)?,
-            PageSet::List { .. } => {
-                let mut n = 0;
-                for (index, page) in set.iter().zip(data.chunks_exact(PAGE_SIZE)) {
-                    n += self.install(index, page, sink)?;
-                }
-                n
-            }
-        };
+        let mut written = 0;
+        super::for_each_page_run(set, data, |index, bytes| {
+            written += self.install(index, bytes, sink)?;
+            Ok::<_, DestError>(())
+        })?;
         self.postcopy_stats.pages_from_push += written;
         Ok(())
     }

@@ -590,6 +590,38 @@ fn installed_pages_are_never_overwritten_and_done_follows_the_last() {
     );
 }
 
+/// A pushed batch arrives in stream chunks (kept as views of them); the
+/// sink still gets one call per run of missing pages, which after a
+/// switchover is one UFFDIO_COPY each.
+#[test]
+fn a_pushed_batch_in_pieces_is_installed_in_one_call_per_missing_run() {
+    let mut m = InMemory::new(16, &[PageRange::new(0, 16)]);
+    let req = m.dst.request_pages(PageIndex(2), 2).unwrap();
+    let mut reply = Vec::new();
+    m.src.handle(req, &m.mem, &mut reply).unwrap();
+    m.dst.feed(&reply, &mut m.sink).unwrap();
+    m.sink.calls.clear();
+    let data: Vec<u8> = (0..8).flat_map(|p| m.mem.page(p).to_vec()).collect();
+    let pieces = data
+        .chunks(5952)
+        .map(bytes::Bytes::copy_from_slice)
+        .collect();
+    let batch = Frame::PageBatch(transport::codec::PageBatch {
+        pass: 0,
+        set: PageSet::Run {
+            first: PageIndex(0),
+            count: 8,
+        },
+        data: transport::codec::PageData::from_pieces(pieces),
+    });
+    m.dst.handle(batch, &mut m.sink).unwrap();
+    assert_eq!(m.sink.calls, [(0, 2), (4, 4)]);
+    for p in 0..8 {
+        assert!(m.sink.mem.page(p) == m.mem.page(p), "page {p}");
+    }
+    assert_eq!(m.dst.missing_count(), 8);
+}
+
 #[test]
 fn resume_exchanges_the_missing_set_and_resends_requests() {
     let mut m = InMemory::new(32, &[PageRange::new(0, 32)]);

@@ -53,6 +53,8 @@ impl PageSource for Memory {
 pub struct Recording {
     pub mem: Memory,
     pub writes: Vec<u32>,
+    /// Every write call with data: (first page, pages).
+    pub calls: Vec<(u64, u64)>,
 }
 
 impl Recording {
@@ -61,6 +63,7 @@ impl Recording {
         Self {
             mem,
             writes: vec![0; pages],
+            calls: Vec::new(),
         }
     }
 }
@@ -69,6 +72,16 @@ impl PageSink for Recording {
     fn write_page(&mut self, index: PageIndex, data: &[u8; PAGE_SIZE]) -> std::io::Result<()> {
         self.mem.page_mut(index.0).copy_from_slice(data);
         self.writes[index.0 as usize] += 1;
+        self.calls.push((index.0, 1));
+        Ok(())
+    }
+    fn write_pages(&mut self, first: PageIndex, data: &[u8]) -> std::io::Result<()> {
+        for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
+            let index = first.0 as usize + i;
+            self.mem.page_mut(index as u64).copy_from_slice(page);
+            self.writes[index] += 1;
+        }
+        self.calls.push((first.0, (data.len() / PAGE_SIZE) as u64));
         Ok(())
     }
     fn write_zero(&mut self, start: PageIndex, count: u64) -> std::io::Result<()> {

@@ -173,6 +173,18 @@ impl DestinationSession {
         data: &PageData,
         sink: &mut S,
     ) -> Result<(), DestError> {
+        // After a switchover the sink installs pages with UFFDIO_COPY, one
+        // ioctl per call: a
+        // batch that arrived in stream chunks is gathered first, so that
+        // each run of missing pages is one call, not several per chunk.
+        let gathered;
+        let data: &[u8] = match data.contiguous() {
+            Some(d) => d,
+            None => {
+                gathered = data.to_bytes();
+                &gathered
+            }
+        };
         let mut written = 0;
         super::for_each_page_run(set, data, |index, bytes| {
             written += self.install(index, bytes, sink)?;

@@ -2,11 +2,15 @@
 //!
 //! Moves `--size` bytes (default 4 GiB) of guest memory between two QUIC
 //! endpoints in one process, over 127.0.0.1, and compares in the same run:
-//! raw quinn streams (no framing) against the page protocol (sessions +
-//! driver) with 1 and 4 streams, zstd off/on for compressible and
-//! incompressible pages, and zero-only memory. CPU is getrusage of the whole
-//! process (both ends). Then it times `--requests` post-copy page requests
-//! of one 4 KiB page each.
+//! raw quinn streams (no framing), raw quinn streams whose ends copy guest
+//! memory as any migration must (the sender reads the pages into its send
+//! buffers, the receiver writes what arrives into guest memory: the
+//! ceiling for a page protocol), and the page protocol (sessions + driver)
+//! with 1 and 4 streams, zstd off/on for compressible and incompressible
+//! pages, and zero-only memory. The page rows set compression as the
+//! daemon does: zstd and XOR deltas together, or neither. CPU is getrusage
+//! of the whole process (both ends). Then it times `--requests` post-copy
+//! page requests of one 4 KiB page each.
 //!
 //! Guest memory is a 256 MiB buffer seen through a layout of `--size`:
 //! page i is buffer page i mod 65536, on both ends.

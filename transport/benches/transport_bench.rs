@@ -62,6 +62,12 @@ struct Args {
     /// Only the page-protocol rows, no raw quinn (for profiling them).
     #[arg(long)]
     pages_only: bool,
+    /// QUIC send window in MiB (default: the endpoint's).
+    #[arg(long)]
+    send_window_mib: Option<u64>,
+    /// QUIC per-stream receive window in MiB (default: the endpoint's).
+    #[arg(long)]
+    stream_window_mib: Option<u32>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -216,13 +222,20 @@ struct Pair {
 }
 
 impl Pair {
-    async fn new(mtu: u16) -> anyhow::Result<Self> {
+    async fn new(args: &Args) -> anyhow::Result<Self> {
+        let mtu = args.mtu;
         let ca = ClusterCa::generate("bench").context("generating ca")?;
         let validity = Validity::for_duration(Duration::from_secs(3600));
         let mut config = EndpointConfig::listening_on(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
         config.initial_mtu = mtu;
         config.max_mtu = mtu;
         config.guaranteed_mtu = mtu;
+        if let Some(w) = args.send_window_mib {
+            config.send_window = w << 20;
+        }
+        if let Some(w) = args.stream_window_mib {
+            config.stream_receive_window = w << 20;
+        }
         let name = |n: &str| HostName::new(n).context("host name");
         let a = Endpoint::bind(&config, &ca.host_identity(&name("src")?, validity)?)
             .context("binding source")?;
@@ -577,7 +590,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let mut pair = Pair::new(args.mtu).await?;
+    let mut pair = Pair::new(&args).await?;
     let size = args.size;
     let mut rows = Vec::new();
     let counts = match args.streams {

@@ -466,6 +466,15 @@ impl InMemory {
         }
     }
 
+    /// A fault on `count` pages from `index`: the request goes to the
+    /// source, its reply back; what the destination did with it.
+    fn fault(&mut self, index: u64, count: u32) -> Vec<DestAction> {
+        let req = self.dst.request_pages(PageIndex(index), count).unwrap();
+        let mut reply = Vec::new();
+        self.src.handle(req, &self.mem, &mut reply).unwrap();
+        self.dst.feed(&reply, &mut self.sink).unwrap()
+    }
+
     /// The next push frame, decoded.
     fn push(&mut self) -> Option<Frame> {
         let mut out = Vec::new();
@@ -522,10 +531,7 @@ fn push_continues_after_the_latest_request_and_wraps() {
 fn installed_pages_are_never_overwritten_and_done_follows_the_last() {
     let mut m = InMemory::new(16, &[PageRange::new(4, 8)]);
     // The guest faults on page 5 and writes to it once installed.
-    let req = m.dst.request_pages(PageIndex(5), 1).unwrap();
-    let mut reply = Vec::new();
-    m.src.handle(req, &m.mem, &mut reply).unwrap();
-    let acts = m.dst.feed(&reply, &mut m.sink).unwrap();
+    let acts = m.fault(5, 1);
     assert!(matches!(
         acts[..],
         [DestAction::PageReplyReceived { id: 0, .. }]
@@ -596,10 +602,7 @@ fn installed_pages_are_never_overwritten_and_done_follows_the_last() {
 #[test]
 fn a_pushed_batch_in_pieces_is_installed_in_one_call_per_missing_run() {
     let mut m = InMemory::new(16, &[PageRange::new(0, 16)]);
-    let req = m.dst.request_pages(PageIndex(2), 2).unwrap();
-    let mut reply = Vec::new();
-    m.src.handle(req, &m.mem, &mut reply).unwrap();
-    m.dst.feed(&reply, &mut m.sink).unwrap();
+    m.fault(2, 2);
     m.sink.calls.clear();
     let data: Vec<u8> = (0..8).flat_map(|p| m.mem.page(p).to_vec()).collect();
     let pieces = data

@@ -418,13 +418,20 @@ fn decode_hello(r: &mut Reader<'_>) -> Result<Hello, DecodeError> {
     })
 }
 
-fn decode_batch(r: &mut Reader<'_>, compressed: bool) -> Result<PageBatch, DecodeError> {
+/// The 16-byte fixed part shared by the batch types: pass, first page,
+/// page count (checked to be 1..=128) and set kind.
+fn read_batch_fixed(r: &mut Reader<'_>) -> Result<(u32, u64, usize, u8), DecodeError> {
     let pass = r.u32()?;
     let first = r.u64()?;
     let count = usize::from(r.u16()?);
     let kind = r.u8()?;
     let _reserved = r.u8()?;
     check_pages(count)?;
+    Ok((pass, first, count, kind))
+}
+
+fn decode_batch(r: &mut Reader<'_>, compressed: bool) -> Result<PageBatch, DecodeError> {
+    let (pass, first, count, kind) = read_batch_fixed(r)?;
     let raw_len = count * PAGE_SIZE;
     let data = if compressed {
         let zlen = r.u32()? as usize;
@@ -449,12 +456,7 @@ fn decode_batch(r: &mut Reader<'_>, compressed: bool) -> Result<PageBatch, Decod
 /// Fixed part, `count` CRCs, then the compressed deltas like a compressed
 /// batch: `zlen < 4096 × count`, inflated into exactly that many bytes.
 fn decode_xor_batch(r: &mut Reader<'_>) -> Result<XorPageBatch, DecodeError> {
-    let pass = r.u32()?;
-    let first = r.u64()?;
-    let count = usize::from(r.u16()?);
-    let kind = r.u8()?;
-    let _reserved = r.u8()?;
-    check_pages(count)?;
+    let (pass, first, count, kind) = read_batch_fixed(r)?;
     let crcs: Vec<u32> = r
         .take(count * 4)?
         .chunks_exact(4)
@@ -634,12 +636,7 @@ impl Rope {
             ty: FrameType::PageBatch,
             owner: None,
         };
-        let pass = r.u32()?;
-        let first = r.u64()?;
-        let count = usize::from(r.u16()?);
-        let kind = r.u8()?;
-        let _reserved = r.u8()?;
-        check_pages(count)?;
+        let (pass, first, count, kind) = read_batch_fixed(&mut r)?;
         let mut tail = Reader {
             buf: &self.tail,
             ty: FrameType::PageBatch,

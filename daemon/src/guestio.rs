@@ -49,6 +49,15 @@ impl PageSink for GuestPages {
             .ok_or_else(|| io::Error::other("page index overflows"))?;
         self.0.write_at(offset, data).map_err(io::Error::other)
     }
+
+    /// A plain mapping: pieces of a batch go straight in, cut pages too.
+    fn writes_bytes(&self) -> bool {
+        true
+    }
+
+    fn write_bytes(&mut self, at: u64, data: &[u8]) -> io::Result<()> {
+        self.0.write_at(at, data).map_err(io::Error::other)
+    }
 }
 
 /// A layout that one side cannot express.

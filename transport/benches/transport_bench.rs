@@ -1,16 +1,26 @@
 //! Loopback throughput and latency of the transport, printed as a table.
 //!
 //! Moves `--size` bytes (default 4 GiB) of guest memory between two QUIC
-//! endpoints in one process, over 127.0.0.1, and compares in the same run:
-//! raw quinn streams (no framing), raw quinn streams whose ends copy guest
-//! memory as any migration must (the sender reads the pages into its send
-//! buffers, the receiver writes what arrives into guest memory: the
-//! ceiling for a page protocol), and the page protocol (sessions + driver)
-//! with 1 and 4 streams, zstd off/on for compressible and incompressible
-//! pages, and zero-only memory. The page rows set compression as the
-//! daemon does: zstd and XOR deltas together, or neither. CPU is getrusage
-//! of the whole process (both ends). Then it times `--requests` post-copy
-//! page requests of one 4 KiB page each.
+//! endpoints in one process, over 127.0.0.1, and compares in the same run,
+//! for 1 and 4 streams:
+//!
+//! - raw quinn: plain streams, no framing, sending one hot 1 MiB buffer;
+//! - raw quinn, memory views: the same, sending views (no copy) of a
+//!   memory-sized buffer;
+//! - raw quinn + receiver copy: memory views sent, the receiver writes
+//!   what arrives into guest memory (the least any transfer into guest
+//!   memory does);
+//! - raw quinn + memory copies: the sender copies pages out of guest
+//!   memory into its send buffers, the receiver into guest memory (what a
+//!   migration of a running guest must do: the ceiling for a page
+//!   protocol);
+//! - the page protocol (sessions + driver), random pages, zstd off.
+//!
+//! Then, with 4 streams, the page protocol with zstd on for random pages,
+//! off/on for compressible pages, and zero-only memory. The page rows set
+//! compression as the daemon does: zstd and XOR deltas together, or
+//! neither. CPU is getrusage of the whole process (both ends). Last it
+//! times `--requests` post-copy page requests of one 4 KiB page each.
 //!
 //! Guest memory is a 256 MiB buffer seen through a layout of `--size`:
 //! page i is buffer page i mod 65536, on both ends.
@@ -124,9 +134,15 @@ impl PageSink for Memory {
         Ok(())
     }
     fn write_pages(&mut self, first: PageIndex, data: &[u8]) -> std::io::Result<()> {
+        self.write_bytes(first.0 * PAGE_SIZE as u64, data)
+    }
+    fn writes_bytes(&self) -> bool {
+        true
+    }
+    fn write_bytes(&mut self, at: u64, data: &[u8]) -> std::io::Result<()> {
         let mut done = 0;
         while done < data.len() {
-            let at = Self::offset(PageIndex(first.0 + (done / PAGE_SIZE) as u64));
+            let at = ((at + done as u64) % self.0.len() as u64) as usize;
             let n = (data.len() - done).min(self.0.len() - at);
             self.0[at..at + n].copy_from_slice(&data[done..done + n]);
             done += n;
@@ -278,21 +294,36 @@ impl Pair {
     }
 }
 
-/// Plain quinn streams: the same bytes, no framing, no sessions.
-async fn raw(pair: &mut Pair, streams: u16, size: u64) -> anyhow::Result<Row> {
+/// Plain quinn streams, no framing, no sessions. `from_memory` false: the
+/// same hot 1 MiB buffer over and over (quinn's own ceiling); true: 1 MiB
+/// views, no copy, walking a 256 MiB buffer of random bytes, so what quinn
+/// encrypts comes from memory as in a migration. The receiver drops what
+/// it reads.
+async fn raw(pair: &mut Pair, streams: u16, size: u64, from_memory: bool) -> anyhow::Result<Row> {
+    const CHUNK: usize = 1 << 20;
     let (src, dst) = pair.streams(streams).await?;
-    let chunk = Bytes::from(vec![0x5Au8; 1 << 20]);
+    let buffer = if from_memory {
+        Bytes::from(memory(Content::Random).0)
+    } else {
+        Bytes::from(vec![0x5Au8; CHUNK])
+    };
     let per_stream = size / u64::from(streams);
     let cpu0 = cpu_seconds();
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for mut tx in src.bulk {
-        let chunk = chunk.clone();
+    for (i, mut tx) in src.bulk.into_iter().enumerate() {
+        let buffer = buffer.clone();
         tasks.spawn(async move {
             let mut left = per_stream;
+            // Streams start at different places, as their pages differ.
+            let mut at = (i as u64 * per_stream % buffer.len() as u64) as usize;
             while left > 0 {
-                let n = left.min(chunk.len() as u64) as usize;
-                tx.write_chunk(chunk.slice(..n)).await?;
+                if at == buffer.len() {
+                    at = 0;
+                }
+                let n = left.min(CHUNK.min(buffer.len() - at) as u64) as usize;
+                tx.write_chunk(buffer.slice(at..at + n)).await?;
+                at += n;
                 left -= n as u64;
             }
             tx.finish()?;
@@ -319,12 +350,22 @@ async fn raw(pair: &mut Pair, streams: u16, size: u64) -> anyhow::Result<Row> {
         bail!("raw: received {received} bytes");
     }
     Ok(Row {
-        name: "raw quinn".into(),
+        name: if from_memory {
+            "raw quinn, memory views"
+        } else {
+            "raw quinn"
+        }
+        .into(),
         streams,
         bytes: received,
         wall,
         cpu: since(cpu0),
-        note: String::new(),
+        note: if from_memory {
+            "sender's data comes from memory, no copy"
+        } else {
+            "one hot 1 MiB buffer"
+        }
+        .into(),
     })
 }
 
@@ -355,10 +396,19 @@ impl Drop for Spare {
 /// the sender copies pages out of guest memory into its send buffers, the
 /// receiver copies what arrives into guest memory. No framing, no CRC, no
 /// sessions: the ceiling for a page protocol over the same streams.
-async fn raw_copies(pair: &mut Pair, streams: u16, size: u64) -> anyhow::Result<Row> {
+/// `sender_copies` false: the sender hands quinn views of guest memory
+/// instead (possible only for memory that cannot change under the send,
+/// a paused guest), so only the receiver's copy is left: the floor of any
+/// transfer that lands in guest memory.
+async fn raw_copies(
+    pair: &mut Pair,
+    streams: u16,
+    size: u64,
+    sender_copies: bool,
+) -> anyhow::Result<Row> {
     const CHUNK: usize = 1 << 20;
     let (src, dst) = pair.streams(streams).await?;
-    let mem = std::sync::Arc::new(memory(Content::Random));
+    let mem = Bytes::from(memory(Content::Random).0);
     let per_stream = size / u64::from(streams);
     let pool = SparePool::default();
     let mut sinks = Vec::new();
@@ -380,6 +430,14 @@ async fn raw_copies(pair: &mut Pair, streams: u16, size: u64) -> anyhow::Result<
             let mut sent = 0u64;
             while sent < per_stream {
                 let n = (per_stream - sent).min(CHUNK as u64) as usize;
+                let page = PageIndex((first + sent) / PAGE_SIZE as u64);
+                if !sender_copies {
+                    let at = Memory::offset(page);
+                    let n = n.min(mem.len() - at);
+                    tx.write_chunk(mem.slice(at..at + n)).await?;
+                    sent += n as u64;
+                    continue;
+                }
                 let mut buf = pool
                     .0
                     .lock()
@@ -387,10 +445,10 @@ async fn raw_copies(pair: &mut Pair, streams: u16, size: u64) -> anyhow::Result<
                     .pop()
                     .unwrap_or_else(|| Vec::with_capacity(CHUNK));
                 buf.clear();
-                let mut page = PageIndex((first + sent) / PAGE_SIZE as u64);
+                let mut page = page;
                 while buf.len() < n {
                     let at = Memory::offset(page);
-                    buf.extend_from_slice(&mem.0[at..at + PAGE_SIZE]);
+                    buf.extend_from_slice(&mem[at..at + PAGE_SIZE]);
                     page.0 += 1;
                 }
                 tx.write_chunk(Bytes::from_owner(Spare(buf, pool.clone())))
@@ -436,17 +494,27 @@ async fn raw_copies(pair: &mut Pair, streams: u16, size: u64) -> anyhow::Result<
     if received != size {
         bail!("raw + copies: received {received} bytes");
     }
-    let covered = (per_stream as usize).min(mem.0.len());
-    if streams == 1 && sinks[0].0[..covered] != mem.0[..covered] {
+    let covered = (per_stream as usize).min(mem.len());
+    if streams == 1 && sinks[0].0[..covered] != mem[..covered] {
         bail!("raw + copies: destination memory differs");
     }
     Ok(Row {
-        name: "raw quinn + memory copies".into(),
+        name: if sender_copies {
+            "raw quinn + memory copies"
+        } else {
+            "raw quinn + receiver copy"
+        }
+        .into(),
         streams,
         bytes: received,
         wall,
         cpu,
-        note: "sender reads, receiver writes guest memory".into(),
+        note: if sender_copies {
+            "sender reads, receiver writes guest memory"
+        } else {
+            "memory views sent, receiver writes guest memory"
+        }
+        .into(),
     })
 }
 
@@ -599,8 +667,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     for streams in counts {
         if !args.pages_only {
-            rows.push(raw(&mut pair, streams, size).await?);
-            rows.push(raw_copies(&mut pair, streams, size).await?);
+            rows.push(raw(&mut pair, streams, size, false).await?);
+            rows.push(raw(&mut pair, streams, size, true).await?);
+            rows.push(raw_copies(&mut pair, streams, size, false).await?);
+            rows.push(raw_copies(&mut pair, streams, size, true).await?);
         }
         rows.push(
             pages(
@@ -661,10 +731,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let copies = rows
             .iter()
             .find(|r| r.name == "raw quinn + memory copies" && r.streams == streams);
+        let views = rows
+            .iter()
+            .find(|r| r.name == "raw quinn, memory views" && r.streams == streams);
         if let (Some(raw), Some(page)) = (raw, page) {
             println!(
                 "page protocol / raw quinn, {streams} stream(s): {:.0}%",
                 100.0 * page.gib_s() / raw.gib_s()
+            );
+        }
+        let floor = rows
+            .iter()
+            .find(|r| r.name == "raw quinn + receiver copy" && r.streams == streams);
+        if let (Some(raw), Some(floor)) = (raw, floor) {
+            println!(
+                "raw quinn + receiver copy / raw quinn, {streams} stream(s): {:.0}%",
+                100.0 * floor.gib_s() / raw.gib_s()
+            );
+        }
+        if let (Some(views), Some(page)) = (views, page) {
+            println!(
+                "page protocol / raw quinn from memory views, {streams} stream(s): {:.0}%",
+                100.0 * page.gib_s() / views.gib_s()
             );
         }
         if let (Some(copies), Some(page)) = (copies, page) {

@@ -116,6 +116,12 @@ impl PageSink for Incoming {
     ) -> std::io::Result<()> {
         self.get()?.write_pages(first, data)
     }
+    fn writes_bytes(&self) -> bool {
+        self.0.as_ref().is_some_and(|g| g.writes_bytes())
+    }
+    fn write_bytes(&mut self, at: u64, data: &[u8]) -> std::io::Result<()> {
+        self.get()?.write_bytes(at, data)
+    }
 }
 
 impl Incoming {

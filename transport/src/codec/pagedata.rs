@@ -83,9 +83,21 @@ pub(crate) trait PageRuns {
     /// page order and cover every whole page; a partial page at the end is
     /// left out (decoded batches are whole pages). Stops at the first error.
     fn for_each_run<E>(&self, f: impl FnMut(usize, &[u8]) -> Result<(), E>) -> Result<(), E>;
+
+    /// Hands the data over as it lies, with no copy: `f(offset, bytes)`
+    /// gets each piece and its byte offset from the start of the data.
+    /// Pieces may start and end inside pages. Stops at the first error.
+    fn for_each_piece<E>(&self, f: impl FnMut(usize, &[u8]) -> Result<(), E>) -> Result<(), E>;
 }
 
 impl PageRuns for [u8] {
+    fn for_each_piece<E>(&self, mut f: impl FnMut(usize, &[u8]) -> Result<(), E>) -> Result<(), E> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        f(0, self)
+    }
+
     fn for_each_run<E>(&self, mut f: impl FnMut(usize, &[u8]) -> Result<(), E>) -> Result<(), E> {
         let whole = self.len() / PAGE_SIZE * PAGE_SIZE;
         if whole > 0 {
@@ -96,6 +108,15 @@ impl PageRuns for [u8] {
 }
 
 impl PageRuns for PageData {
+    fn for_each_piece<E>(&self, mut f: impl FnMut(usize, &[u8]) -> Result<(), E>) -> Result<(), E> {
+        let mut offset = 0;
+        for piece in &self.pieces {
+            f(offset, piece)?;
+            offset += piece.len();
+        }
+        Ok(())
+    }
+
     fn for_each_run<E>(&self, mut f: impl FnMut(usize, &[u8]) -> Result<(), E>) -> Result<(), E> {
         let mut scratch = [0u8; PAGE_SIZE];
         let mut gathered = 0;

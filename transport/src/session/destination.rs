@@ -607,6 +607,14 @@ fn write_batch<S: PageSink + ?Sized, D: PageRuns + ?Sized>(
     set: &PageSet,
     data: &D,
 ) -> Result<(), DestError> {
+    if let (PageSet::Run { first, .. }, true) = (set, sink.writes_bytes()) {
+        // One copy per piece, cut pages included: no gathering. `first`
+        // is inside the layout, so this cannot overflow.
+        let base = first.0 * PAGE_SIZE as u64;
+        return data
+            .for_each_piece(|offset, bytes| sink.write_bytes(base + offset as u64, bytes))
+            .map_err(DestError::Sink);
+    }
     for_each_page_run(set, data, |index, bytes| match set {
         PageSet::Run { .. } => sink.write_pages(index, bytes),
         PageSet::List { .. } => match bytes.first_chunk() {

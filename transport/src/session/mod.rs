@@ -94,4 +94,25 @@ pub trait PageSink {
         }
         Ok(())
     }
+
+    /// Whether [`PageSink::write_bytes`] works. A sink that can take any
+    /// byte range (a plain memory mapping) says yes, and a batch that
+    /// arrived in pieces cut inside pages (stream chunks of one datagram
+    /// each) is then written piece by piece, straight from the receive
+    /// buffers; otherwise every cut page is first gathered into a whole
+    /// page. A sink that installs whole pages (post-copy's
+    /// `UFFDIO_COPY`) keeps the default, no.
+    fn writes_bytes(&self) -> bool {
+        false
+    }
+
+    /// Writes `data` at byte `at` of the memory, counted as page index x
+    /// [`PAGE_SIZE`] + offset in the page: a piece of a checked batch, which
+    /// may start and end inside pages. The pieces of one batch together
+    /// cover its pages exactly. Called only when
+    /// [`PageSink::writes_bytes`] says yes; the default says unsupported.
+    fn write_bytes(&mut self, at: u64, data: &[u8]) -> std::io::Result<()> {
+        let _ = (at, data);
+        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    }
 }

@@ -75,6 +75,10 @@ struct Args {
     /// QUIC send window in MiB (default: the endpoint's).
     #[arg(long)]
     send_window_mib: Option<u64>,
+    /// Floor of the autotuned QUIC send window in MiB (default: the
+    /// endpoint's; equal to --send-window-mib for a fixed window).
+    #[arg(long)]
+    min_send_window_mib: Option<u64>,
     /// QUIC per-stream receive window in MiB (default: the endpoint's).
     #[arg(long)]
     stream_window_mib: Option<u32>,
@@ -248,6 +252,9 @@ impl Pair {
         config.guaranteed_mtu = mtu;
         if let Some(w) = args.send_window_mib {
             config.send_window = w << 20;
+        }
+        if let Some(w) = args.min_send_window_mib {
+            config.min_send_window = w << 20;
         }
         if let Some(w) = args.stream_window_mib {
             config.stream_receive_window = w << 20;
@@ -704,6 +711,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.batch_pages,
         args.mtu,
         stats.path.current_mtu
+    );
+    println!(
+        "cwnd {} rtt {:?} lost {} congestion events {}",
+        stats.path.cwnd, stats.path.rtt, stats.path.lost_packets, stats.path.congestion_events
     );
     println!(
         "{:<28} {:>7} {:>9} {:>8} {:>10} {:>12}  note",

@@ -77,8 +77,13 @@ pub struct EndpointConfig {
     pub stream_receive_window: u32,
     /// Bytes a peer may have in flight on the whole connection.
     pub connection_receive_window: u32,
-    /// Bytes we buffer for sending across all streams.
+    /// Bytes we buffer for sending across all streams, at most. The window
+    /// in use follows the path between `min_send_window` and this (see
+    /// `endpoint::window`); set both equal for a fixed window.
     pub send_window: u64,
+    /// The send window's floor: what a short path (loopback, one switch)
+    /// gets.
+    pub min_send_window: u64,
     /// SO_RCVBUF / SO_SNDBUF requested for the UDP socket (the kernel caps
     /// them at net.core.rmem_max / wmem_max; we log when it does).
     pub socket_buffer: usize,
@@ -98,6 +103,7 @@ impl Default for EndpointConfig {
             stream_receive_window: 16 * 1024 * 1024,
             connection_receive_window: 64 * 1024 * 1024,
             send_window: 64 * 1024 * 1024,
+            min_send_window: 4 * 1024 * 1024,
             socket_buffer: 8 * 1024 * 1024,
             max_concurrent_streams: 256,
         }

@@ -22,6 +22,7 @@
 mod config;
 mod error;
 mod peer;
+pub mod window;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,6 +49,8 @@ pub struct Endpoint {
     quinn: quinn::Endpoint,
     host: HostName,
     keepalive: Keepalive,
+    /// Floor and ceiling of every connection's send window.
+    send_window: (u64, u64),
     /// Kept for [`Endpoint::connect_without_client_cert`].
     anonymous_client: Arc<quinn::ClientConfig>,
 }
@@ -88,6 +91,7 @@ impl Endpoint {
             quinn,
             host: identity.host().clone(),
             keepalive: config.keepalive,
+            send_window: (config.min_send_window, config.send_window),
             anonymous_client: Arc::new(anonymous),
         })
     }
@@ -188,7 +192,7 @@ impl Endpoint {
             },
         })?;
         info!(%peer, %addr, "connected to peer");
-        Ok(PeerConnection::new(conn, peer.clone()))
+        Ok(PeerConnection::new(conn, peer.clone(), self.send_window))
     }
 
     async fn await_admission(&self, conn: &quinn::Connection) -> Result<(), AdmissionError> {
@@ -262,7 +266,7 @@ impl Endpoint {
             .await
             .map_err(|source| AcceptError::Handshake { addr, source })?;
         info!(%peer, %addr, "accepted peer");
-        Ok(PeerConnection::new(conn, peer))
+        Ok(PeerConnection::new(conn, peer, self.send_window))
     }
 
     /// Closes every connection and stops listening.

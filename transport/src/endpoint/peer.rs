@@ -31,10 +31,35 @@ use std::time::Duration;
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::{mpsc, Mutex};
 use tokio::task::JoinSet;
-use tracing::{debug, warn};
+use tracing::{debug, trace, warn};
 
 use super::error::TransportError;
+use super::window::{self, SendWindowTuner};
 use crate::identity::HostName;
+
+/// Sizes the connection's send window to the path until it closes (see
+/// [`super::window`]).
+async fn tune_send_window(conn: Connection, (floor, ceiling): (u64, u64)) {
+    let mut tuner = SendWindowTuner::new(floor, ceiling);
+    if floor >= ceiling {
+        return; // a fixed window
+    }
+    let start = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(window::TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = conn.closed() => return,
+            now = tick.tick() => {
+                let sent = conn.stats().udp_tx.bytes;
+                if let Some(w) = tuner.sample(now - start, sent, conn.rtt()) {
+                    trace!(window = w, "send window");
+                    conn.set_send_window(w);
+                }
+            }
+        }
+    }
+}
 
 /// Largest number of bulk streams one migration may use.
 pub const MAX_BULK_STREAMS: u16 = 64;
@@ -163,24 +188,29 @@ struct Inner {
     peer: HostName,
     incoming: Mutex<mpsc::Receiver<DestinationStreams>>,
     router: tokio::task::AbortHandle,
+    tuner: tokio::task::AbortHandle,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         self.router.abort();
+        self.tuner.abort();
     }
 }
 
 impl PeerConnection {
-    pub(crate) fn new(conn: Connection, peer: HostName) -> Self {
+    /// `send_window`: floor and ceiling of the connection's send window.
+    pub(crate) fn new(conn: Connection, peer: HostName, send_window: (u64, u64)) -> Self {
         let (tx, rx) = mpsc::channel(16);
         let router = tokio::spawn(route_streams(conn.clone(), tx)).abort_handle();
+        let tuner = tokio::spawn(tune_send_window(conn.clone(), send_window)).abort_handle();
         Self {
             inner: Arc::new(Inner {
                 conn,
                 peer,
                 incoming: Mutex::new(rx),
                 router,
+                tuner,
             }),
         }
     }

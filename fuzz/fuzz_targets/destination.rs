@@ -1,5 +1,6 @@
 //! Fuzzes the destination's frame handler: raw bytes fed in pieces into a
-//! `DestinationSession`. Checks that it never panics and never writes a
+//! `DestinationSession`, whose sink takes whole pages or byte ranges (the
+//! first byte picks). Checks that it never panics and never writes a
 //! page outside the layout it negotiated.
 #![no_main]
 
@@ -11,9 +12,11 @@ use transport::session::{DestOptions, DestinationSession, PageSink};
 
 /// Records page ranges written, and keeps only the pages written with data
 /// (the layout in a fuzzed hello can claim up to 1 TiB, but an input can
-/// only carry so many pages), so deltas read back the right base.
+/// only carry so many pages), so deltas read back the right base. The
+/// flag: whether it takes byte ranges (`writes_bytes`), as guest memory
+/// does, or only whole pages, as post-copy's installer does.
 #[derive(Default)]
-struct Recorder(Vec<(u64, u64)>, HashMap<u64, Box<[u8; PAGE_SIZE]>>);
+struct Recorder(Vec<(u64, u64)>, HashMap<u64, Box<[u8; PAGE_SIZE]>>, bool);
 
 impl PageSink for Recorder {
     fn write_page(&mut self, index: PageIndex, data: &[u8; PAGE_SIZE]) -> std::io::Result<()> {
@@ -36,6 +39,29 @@ impl PageSink for Recorder {
         }
         Ok(())
     }
+    fn writes_bytes(&self) -> bool {
+        self.2
+    }
+    fn write_bytes(&mut self, at: u64, data: &[u8]) -> std::io::Result<()> {
+        assert!(self.2, "byte write to a sink that takes whole pages");
+        assert!(!data.is_empty());
+        let page = PAGE_SIZE as u64;
+        let last = at + data.len() as u64 - 1;
+        self.0.push((at / page, last / page - at / page + 1));
+        let mut done = 0;
+        while done < data.len() {
+            let pos = at + done as u64;
+            let offset = (pos % page) as usize;
+            let n = (PAGE_SIZE - offset).min(data.len() - done);
+            let stored = self
+                .1
+                .entry(pos / page)
+                .or_insert_with(|| Box::new([0; PAGE_SIZE]));
+            stored[offset..offset + n].copy_from_slice(&data[done..done + n]);
+            done += n;
+        }
+        Ok(())
+    }
     fn read_back(&self, index: PageIndex, out: &mut [u8; PAGE_SIZE]) -> std::io::Result<()> {
         match self.1.get(&index.0) {
             Some(page) => out.copy_from_slice(&page[..]),
@@ -49,12 +75,16 @@ fuzz_target!(|data: &[u8]| {
     let Some((&split, data)) = data.split_first() else {
         return;
     };
-    let chunk = usize::from(split).max(1) * 7;
+    // Low 7 bits: the piece size; top bit: a sink that takes byte ranges.
+    let chunk = usize::from(split & 0x7f).max(1) * 7;
     let mut dest = DestinationSession::new(DestOptions {
         auto_accept: true,
         ..DestOptions::default()
     });
-    let mut sink = Recorder::default();
+    let mut sink = Recorder {
+        2: split & 0x80 != 0,
+        ..Recorder::default()
+    };
     for piece in data.chunks(chunk) {
         let before = sink.0.len();
         let r = dest.feed(piece, &mut sink);

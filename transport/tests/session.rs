@@ -79,6 +79,17 @@ struct ByteMem {
     page_writes: usize,
 }
 
+impl ByteMem {
+    /// `len` bytes of garbage (0x5A), no writes yet.
+    fn new(len: usize) -> Self {
+        Self {
+            mem: Mem(vec![0x5A; len]),
+            byte_writes: Vec::new(),
+            page_writes: 0,
+        }
+    }
+}
+
 impl PageSink for ByteMem {
     fn write_page(&mut self, index: PageIndex, data: &[u8; PAGE_SIZE]) -> io::Result<()> {
         self.page_writes += 1;
@@ -456,11 +467,7 @@ fn feed_in_chunks(
 #[test]
 fn a_batch_cut_inside_pages_is_written_piece_by_piece() {
     let (_src, mut dest, mem, frames) = small_setup(false);
-    let mut sink = ByteMem {
-        mem: Mem(vec![0x5A; mem.0.len()]),
-        byte_writes: Vec::new(),
-        page_writes: 0,
-    };
+    let mut sink = ByteMem::new(mem.0.len());
     let mut fb = FrameBuffer::new();
     let stream: Vec<u8> = frames.concat();
     feed_in_chunks(&mut dest, &mut fb, &stream, &mut sink).unwrap();
@@ -478,11 +485,7 @@ fn a_batch_cut_inside_pages_is_written_piece_by_piece() {
 
     // Same pass to a fresh destination, one batch body corrupted.
     let (_src, mut dest, _mem, frames) = small_setup(false);
-    let mut sink = ByteMem {
-        mem: Mem(vec![0x5A; mem.0.len()]),
-        byte_writes: Vec::new(),
-        page_writes: 0,
-    };
+    let mut sink = ByteMem::new(mem.0.len());
     let mut fb = FrameBuffer::new();
     feed_in_chunks(&mut dest, &mut fb, &frames[0], &mut sink).unwrap();
     let written = sink.byte_writes.len();

@@ -214,3 +214,43 @@ async fn server_keeps_accepting_after_a_refusal() {
     assert_eq!(dialed.unwrap().peer(), &host("node-b"));
     assert_eq!(accepted.unwrap().peer(), &host("node-a"));
 }
+
+/// The send window follows the path: an idle loopback connection drops to
+/// the floor within a few tuner ticks; a floor equal to the ceiling keeps
+/// the window fixed.
+#[tokio::test(start_paused = true)]
+async fn an_idle_connection_send_window_falls_to_the_floor() {
+    let ca = ClusterCa::generate("cluster").unwrap();
+    for fixed in [false, true] {
+        let mut config = loopback_config();
+        if fixed {
+            config.min_send_window = config.send_window;
+        }
+        let a = Endpoint::bind(
+            &config,
+            &ca.host_identity(&host("node-a"), valid()).unwrap(),
+        )
+        .unwrap();
+        let b = Endpoint::bind(
+            &config,
+            &ca.host_identity(&host("node-b"), valid()).unwrap(),
+        )
+        .unwrap();
+        let accepted = accept_one(&b);
+        let dialed = a
+            .connect(b.local_addr().unwrap(), &host("node-b"))
+            .await
+            .unwrap();
+        let accepted = accepted.await.unwrap().unwrap();
+        assert_eq!(dialed.send_window(), config.send_window);
+        // Paused clock: five ticks pass at once, with no traffic.
+        tokio::time::sleep(transport::endpoint::window::TICK * 5).await;
+        let want = if fixed {
+            config.send_window
+        } else {
+            config.min_send_window
+        };
+        assert_eq!(dialed.send_window(), want, "fixed {fixed}");
+        assert_eq!(accepted.send_window(), want, "fixed {fixed}");
+    }
+}

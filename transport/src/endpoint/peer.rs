@@ -25,6 +25,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,7 +40,7 @@ use crate::identity::HostName;
 
 /// Sizes the connection's send window to the path until it closes (see
 /// [`super::window`]).
-async fn tune_send_window(conn: Connection, (floor, ceiling): (u64, u64)) {
+async fn tune_send_window(conn: Connection, (floor, ceiling): (u64, u64), window: Arc<AtomicU64>) {
     let mut tuner = SendWindowTuner::new(floor, ceiling);
     if floor >= ceiling {
         return; // a fixed window
@@ -55,6 +56,7 @@ async fn tune_send_window(conn: Connection, (floor, ceiling): (u64, u64)) {
                 if let Some(w) = tuner.sample(now - start, sent, conn.rtt()) {
                     trace!(window = w, "send window");
                     conn.set_send_window(w);
+                    window.store(w, Ordering::Relaxed);
                 }
             }
         }
@@ -189,6 +191,8 @@ struct Inner {
     incoming: Mutex<mpsc::Receiver<DestinationStreams>>,
     router: tokio::task::AbortHandle,
     tuner: tokio::task::AbortHandle,
+    /// The send window the tuner last set.
+    send_window: Arc<AtomicU64>,
 }
 
 impl Drop for Inner {
@@ -203,7 +207,9 @@ impl PeerConnection {
     pub(crate) fn new(conn: Connection, peer: HostName, send_window: (u64, u64)) -> Self {
         let (tx, rx) = mpsc::channel(16);
         let router = tokio::spawn(route_streams(conn.clone(), tx)).abort_handle();
-        let tuner = tokio::spawn(tune_send_window(conn.clone(), send_window)).abort_handle();
+        let window = Arc::new(AtomicU64::new(send_window.1));
+        let tuner = tokio::spawn(tune_send_window(conn.clone(), send_window, window.clone()))
+            .abort_handle();
         Self {
             inner: Arc::new(Inner {
                 conn,
@@ -211,8 +217,15 @@ impl PeerConnection {
                 incoming: Mutex::new(rx),
                 router,
                 tuner,
+                send_window: window,
             }),
         }
+    }
+
+    /// The connection's send window now, in bytes (see
+    /// [`super::window`]).
+    pub fn send_window(&self) -> u64 {
+        self.inner.send_window.load(Ordering::Relaxed)
     }
 
     /// The peer's verified host name (from its certificate).

@@ -464,8 +464,12 @@ fn cancel_during_pass_0() {
     assert_eq!(running.phase, MigrationPhase::Running, "{running:?}");
     wait_target_vmm(&c, vm);
     let at = cancel_via_api(&c, &m.name);
-    // Still in pass 0 when the cancel landed (a pass is ~4 s).
-    assert_eq!(at.phase, MigrationPhase::Running, "{at:?}");
+    // Still in pass 0 when the cancel landed (a pass is ~4 s). The reply
+    // is read after the engine was told, so a quick abort may already
+    // show in it as the final, cancelled phase.
+    let cancelled =
+        at.phase == MigrationPhase::Failed && at.failure_code.as_deref() == Some("aborted");
+    assert!(at.phase == MigrationPhase::Running || cancelled, "{at:?}");
     assert_eq!(at.passes, 0, "{at:?}");
     assert_cancelled(&c, &m.name, vm);
 }

@@ -752,46 +752,39 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     for streams in [1u16, 4] {
+        let row = |name: &str| rows.iter().find(|r| r.name == name && r.streams == streams);
         let raw = rows
             .iter()
             .filter(|r| r.name.starts_with("raw quinn") && r.note.starts_with("one hot"))
             .filter(|r| r.streams == streams)
             .max_by(|a, b| a.gib_s().total_cmp(&b.gib_s()));
-        let page = rows
-            .iter()
-            .find(|r| r.name == "pages Random zstd off" && r.streams == streams);
-        let copies = rows
-            .iter()
-            .find(|r| r.name == "raw quinn + memory copies" && r.streams == streams);
-        let views = rows
-            .iter()
-            .find(|r| r.name == "raw quinn, memory views" && r.streams == streams);
-        if let (Some(raw), Some(page)) = (raw, page) {
-            println!(
-                "page protocol / raw quinn (the faster window), {streams} stream(s): {:.0}%",
-                100.0 * page.gib_s() / raw.gib_s()
-            );
-        }
-        let floor = rows
-            .iter()
-            .find(|r| r.name == "raw quinn + receiver copy" && r.streams == streams);
-        if let (Some(raw), Some(floor)) = (raw, floor) {
-            println!(
-                "raw quinn + receiver copy / raw quinn (the faster window), {streams} stream(s): {:.0}%",
-                100.0 * floor.gib_s() / raw.gib_s()
-            );
-        }
-        if let (Some(views), Some(page)) = (views, page) {
-            println!(
-                "page protocol / raw quinn from memory views, {streams} stream(s): {:.0}%",
-                100.0 * page.gib_s() / views.gib_s()
-            );
-        }
-        if let (Some(copies), Some(page)) = (copies, page) {
-            println!(
-                "page protocol / raw quinn + memory copies, {streams} stream(s): {:.0}%",
-                100.0 * page.gib_s() / copies.gib_s()
-            );
+        let page = row("pages Random zstd off");
+        let floor = row("raw quinn + receiver copy");
+        let ratios = [
+            ("page protocol / raw quinn (the faster window)", page, raw),
+            (
+                "raw quinn + receiver copy / raw quinn (the faster window)",
+                floor,
+                raw,
+            ),
+            (
+                "page protocol / raw quinn from memory views",
+                page,
+                row("raw quinn, memory views"),
+            ),
+            (
+                "page protocol / raw quinn + memory copies",
+                page,
+                row("raw quinn + memory copies"),
+            ),
+        ];
+        for (label, over, under) in ratios {
+            if let (Some(over), Some(under)) = (over, under) {
+                println!(
+                    "{label}, {streams} stream(s): {:.0}%",
+                    100.0 * over.gib_s() / under.gib_s()
+                );
+            }
         }
     }
     if args.compare_only {

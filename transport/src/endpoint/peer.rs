@@ -41,10 +41,10 @@ use crate::identity::HostName;
 /// Sizes the connection's send window to the path until it closes (see
 /// [`super::window`]).
 async fn tune_send_window(conn: Connection, (floor, ceiling): (u64, u64), window: Arc<AtomicU64>) {
-    let mut tuner = SendWindowTuner::new(floor, ceiling);
     if floor >= ceiling {
         return; // a fixed window
     }
+    let mut tuner = SendWindowTuner::new(floor, ceiling);
     let start = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(window::TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -32,7 +32,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
-use transport::codec::{Frame, PostcopyReport, ReasonCode};
+use transport::codec::{Frame, PostcopyDigest, PostcopyReport, ReasonCode};
 use transport::driver::{DestEvent, DestinationDriver, DriverError};
 use transport::endpoint::{DestinationStreams, MigrationId};
 use transport::layout::{PageIndex, PAGE_SIZE};
@@ -325,13 +325,13 @@ impl PostCopy<'_> {
             p99_us = latency.p99.map(|d| d.as_micros() as u64),
             "post-copy complete: every page is here"
         );
-        let mut digest = 0;
+        let mut digest = PostcopyDigest::NotChecked;
         if let (Some(d), Some(got)) = (envelope.post_copy, sink.digest) {
             if got == d.needed {
-                digest = 1;
+                digest = PostcopyDigest::Matched;
                 info!("pages received in post-copy match the source");
             } else {
-                digest = 2;
+                digest = PostcopyDigest::Mismatched;
                 warn!(
                     source = %format!("{:032x}", d.needed),
                     target = %format!("{got:032x}"),

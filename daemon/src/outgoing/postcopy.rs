@@ -212,18 +212,14 @@ impl Transfer<'_> {
                     requests = r.requests,
                     p50_us = r.p50_us,
                     p99_us = r.p99_us,
-                    digest = r.digest,
+                    digest = ?r.digest,
                     "target's post-copy report"
                 );
                 update(self.handle, |rec| {
                     rec.fault_latency_p50_us = us(r.p50_us);
                     rec.fault_latency_p99_us = us(r.p99_us);
                     if verify {
-                        rec.memory_digest_matched = match r.digest {
-                            1 => Some(true),
-                            2 => Some(false),
-                            _ => None,
-                        };
+                        rec.memory_digest_matched = r.digest.matched();
                     }
                 });
             }

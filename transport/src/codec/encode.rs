@@ -375,7 +375,7 @@ fn encode_body(frame: &Frame, out: &mut Vec<u8>, start: usize) -> Result<(), Enc
             out.extend_from_slice(&r.p50_us.to_le_bytes());
             out.extend_from_slice(&r.p99_us.to_le_bytes());
             out.extend_from_slice(&r.max_us.to_le_bytes());
-            out.push(r.digest);
+            out.push(r.digest as u8);
         }
         Frame::MissingPages { last, ranges } => {
             if ranges.len() > MAX_MISSING_RANGES {

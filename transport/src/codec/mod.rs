@@ -21,11 +21,13 @@
 
 mod decode;
 pub(crate) mod encode;
+mod framebuf;
 mod pagedata;
 pub(crate) mod pool;
 
-pub use decode::{decode, peek_header, DecodeError, FrameBuffer};
+pub use decode::{decode, peek_header, DecodeError};
 pub use encode::{EncodeError, Encoder};
+pub use framebuf::FrameBuffer;
 pub use pagedata::PageData;
 pub(crate) use pagedata::PageRuns;
 
@@ -170,10 +172,13 @@ pub enum ReasonCode {
     Unauthorized = 14,
     /// The guest cannot run on the destination (CPU model, devices).
     Incompatible = 15,
+    /// The pages the destination holds differ from the source's (a
+    /// verification digest did not match).
+    DigestMismatch = 16,
 }
 
 impl ReasonCode {
-    pub const ALL: [ReasonCode; 16] = [
+    pub const ALL: [ReasonCode; 17] = [
         Self::Unknown,
         Self::Cancelled,
         Self::Timeout,
@@ -190,6 +195,7 @@ impl ReasonCode {
         Self::Protocol,
         Self::Unauthorized,
         Self::Incompatible,
+        Self::DigestMismatch,
     ];
 
     /// Maps a wire value; codes from a newer peer become `Unknown`.
@@ -218,6 +224,7 @@ impl ReasonCode {
             Self::Protocol => "protocol",
             Self::Unauthorized => "unauthorized",
             Self::Incompatible => "incompatible",
+            Self::DigestMismatch => "digest_mismatch",
         }
     }
 }
@@ -463,9 +470,43 @@ pub struct PostcopyReport {
     pub p50_us: u32,
     pub p99_us: u32,
     pub max_us: u32,
-    /// 0: not checked, 1: the pages received match the source's digest,
-    /// 2: they differ.
-    pub digest: u8,
+    /// The destination's check of the pages it received in post-copy.
+    pub digest: PostcopyDigest,
+}
+
+/// What the destination found when it compared the digest of the pages it
+/// received in post-copy with the source's; one byte on the wire.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum PostcopyDigest {
+    /// Verification was off (the source sent no digest).
+    #[default]
+    NotChecked = 0,
+    /// The pages received match the source's digest.
+    Matched = 1,
+    /// The pages received differ from the source's.
+    Mismatched = 2,
+}
+
+impl PostcopyDigest {
+    /// Maps a wire value; `None` for a value no build defines.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => Self::NotChecked,
+            1 => Self::Matched,
+            2 => Self::Mismatched,
+            _ => return None,
+        })
+    }
+
+    /// The result as the source's record keeps it: `None` when not checked.
+    pub fn matched(self) -> Option<bool> {
+        match self {
+            Self::NotChecked => None,
+            Self::Matched => Some(true),
+            Self::Mismatched => Some(false),
+        }
+    }
 }
 
 impl Frame {
@@ -568,6 +609,18 @@ mod tests {
         }
         assert_eq!(ReasonCode::from_u16(999), ReasonCode::Unknown);
         assert_eq!(ReasonCode::BadCrc.to_string(), "bad_crc");
+    }
+
+    #[test]
+    fn postcopy_digest_round_trips_its_byte() {
+        for d in [
+            PostcopyDigest::NotChecked,
+            PostcopyDigest::Matched,
+            PostcopyDigest::Mismatched,
+        ] {
+            assert_eq!(PostcopyDigest::from_u8(d as u8), Some(d));
+        }
+        assert_eq!(PostcopyDigest::from_u8(3), None);
     }
 
     #[test]

@@ -33,7 +33,7 @@ use tokio::io::Interest;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 use transport::codec::{Frame, PostcopyDigest, PostcopyReport, ReasonCode};
-use transport::driver::{DestEvent, DestinationDriver, DriverError};
+use transport::driver::{DestEvent, DestinationDriver};
 use transport::endpoint::{DestinationStreams, MigrationId};
 use transport::layout::{PageIndex, PAGE_SIZE};
 use transport::session::{DestinationSession, PageSink};
@@ -306,7 +306,7 @@ impl PostCopy<'_> {
                 Ok(other) => {
                     warn!(event = ?other, "unexpected event in post-copy");
                 }
-                Err(e) if running.is_none() && !recoverable(&e) => {
+                Err(e) if running.is_none() && !e.is_recoverable() => {
                     return self.fail(crate::error_chain(&e)).await;
                 }
                 Err(e) => {
@@ -400,9 +400,4 @@ impl PostCopy<'_> {
         let _ = self.driver.send_control(&abort).await;
         Outcome::FailedBeforeResume(message)
     }
-}
-
-/// Errors a new connection can cure.
-fn recoverable(e: &DriverError) -> bool {
-    matches!(e, DriverError::Transport { .. } | DriverError::StreamsEnded)
 }

@@ -171,7 +171,7 @@ impl Transfer<'_> {
                 Ok(()) => break,
                 Err(e) => e,
             };
-            if !recoverable(&e) {
+            if !e.is_recoverable() {
                 if !downtime_recorded && peer_aborted(&e) {
                     // The target gave up before it ran the guest: it is
                     // still whole here.
@@ -310,11 +310,6 @@ impl Transfer<'_> {
             r.end_timestamp = None;
         });
     }
-}
-
-/// Errors a new connection can cure: the link, not the peer's will.
-fn recoverable(e: &DriverError) -> bool {
-    matches!(e, DriverError::Transport { .. } | DriverError::StreamsEnded)
 }
 
 /// The target aborted the migration itself.

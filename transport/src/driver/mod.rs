@@ -139,10 +139,47 @@ impl DriverError {
         )
     }
 
+    /// True when a new connection can cure this error: the link failed
+    /// (a stream or the connection broke, the peer went silent, its streams
+    /// ended), not the peer's will or its bytes. Post-copy uses it on both
+    /// sides to decide between waiting for a redial and failing.
+    pub fn is_recoverable(&self) -> bool {
+        matches!(
+            self,
+            DriverError::Transport { .. } | DriverError::StreamsEnded
+        )
+    }
+
     fn transport<E: Into<TransportError>>(stream: StreamRole) -> impl FnOnce(E) -> Self {
         move |e| DriverError::Transport {
             stream,
             source: e.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_link_failures_are_recoverable() {
+        let lost = DriverError::Transport {
+            stream: StreamRole::Priority,
+            source: TransportError::PeerLost,
+        };
+        assert!(lost.is_recoverable());
+        assert!(DriverError::StreamsEnded.is_recoverable());
+        let truncated = DriverError::Truncated {
+            stream: StreamRole::Control,
+            pending: 3,
+        };
+        assert!(!truncated.is_recoverable());
+        assert!(!DriverError::ResumeRefused.is_recoverable());
+        let out_of_turn = DriverError::OutOfTurn {
+            step: "resume",
+            got: "Done".into(),
+        };
+        assert!(!out_of_turn.is_recoverable());
     }
 }

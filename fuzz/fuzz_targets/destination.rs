@@ -4,70 +4,55 @@
 //! page outside the layout it negotiated.
 #![no_main]
 
-use std::collections::HashMap;
-
 use libfuzzer_sys::fuzz_target;
 use transport::layout::{PageIndex, PAGE_SIZE};
 use transport::session::{DestOptions, DestinationSession, PageSink};
+use transport::testing::MemPages;
 
-/// Records page ranges written, and keeps only the pages written with data
-/// (the layout in a fuzzed hello can claim up to 1 TiB, but an input can
-/// only carry so many pages), so deltas read back the right base. The
-/// flag: whether it takes byte ranges (`writes_bytes`), as guest memory
-/// does, or only whole pages, as post-copy's installer does.
-#[derive(Default)]
-struct Recorder(Vec<(u64, u64)>, HashMap<u64, Box<[u8; PAGE_SIZE]>>, bool);
+/// Guest memory for the session, recording the page range of every write.
+/// A buffer repeated over the layout: a fuzzed hello can claim up to 1 TiB,
+/// but an input carries few pages, which rarely share a slot of the buffer,
+/// so deltas mostly read back the right base. It takes byte ranges
+/// (`writes_bytes`), as guest memory does, or only whole pages, as
+/// post-copy's installer does.
+struct Recorder {
+    mem: MemPages,
+    /// (first page, pages) of each write, in order.
+    writes: Vec<(u64, u64)>,
+}
+
+/// Pages in the repeated buffer (1 MiB).
+const BUFFER_PAGES: usize = 256;
 
 impl PageSink for Recorder {
     fn write_page(&mut self, index: PageIndex, data: &[u8; PAGE_SIZE]) -> std::io::Result<()> {
-        self.0.push((index.0, 1));
-        self.1.insert(index.0, Box::new(*data));
-        Ok(())
+        self.writes.push((index.0, 1));
+        self.mem.write_page(index, data)
     }
     fn write_zero(&mut self, start: PageIndex, count: u64) -> std::io::Result<()> {
-        self.0.push((start.0, count));
-        let end = start.0.saturating_add(count);
-        self.1.retain(|i, _| !(start.0..end).contains(i));
-        Ok(())
+        self.writes.push((start.0, count));
+        // A huge zero run would only clear the buffer many times over.
+        let count = count.min(BUFFER_PAGES as u64);
+        self.mem.write_zero(start, count)
     }
     fn write_pages(&mut self, first: PageIndex, data: &[u8]) -> std::io::Result<()> {
-        assert_eq!(data.len() % PAGE_SIZE, 0);
-        self.0.push((first.0, (data.len() / PAGE_SIZE) as u64));
-        for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
-            let page: &[u8; PAGE_SIZE] = page.try_into().unwrap();
-            self.1.insert(first.0 + i as u64, Box::new(*page));
-        }
-        Ok(())
+        self.writes.push((first.0, (data.len() / PAGE_SIZE) as u64));
+        self.mem.write_pages(first, data)
     }
     fn writes_bytes(&self) -> bool {
-        self.2
+        self.mem.writes_bytes()
     }
     fn write_bytes(&mut self, at: u64, data: &[u8]) -> std::io::Result<()> {
-        assert!(self.2, "byte write to a sink that takes whole pages");
-        assert!(!data.is_empty());
+        // Checks the session's side of the contract (byte writes only when
+        // asked for, never empty) before the range is worked out.
+        self.mem.write_bytes(at, data)?;
         let page = PAGE_SIZE as u64;
         let last = at + data.len() as u64 - 1;
-        self.0.push((at / page, last / page - at / page + 1));
-        let mut done = 0;
-        while done < data.len() {
-            let pos = at + done as u64;
-            let offset = (pos % page) as usize;
-            let n = (PAGE_SIZE - offset).min(data.len() - done);
-            let stored = self
-                .1
-                .entry(pos / page)
-                .or_insert_with(|| Box::new([0; PAGE_SIZE]));
-            stored[offset..offset + n].copy_from_slice(&data[done..done + n]);
-            done += n;
-        }
+        self.writes.push((at / page, last / page - at / page + 1));
         Ok(())
     }
     fn read_back(&self, index: PageIndex, out: &mut [u8; PAGE_SIZE]) -> std::io::Result<()> {
-        match self.1.get(&index.0) {
-            Some(page) => out.copy_from_slice(&page[..]),
-            None => out.fill(0),
-        }
-        Ok(())
+        self.mem.read_back(index, out)
     }
 }
 
@@ -81,15 +66,20 @@ fuzz_target!(|data: &[u8]| {
         auto_accept: true,
         ..DestOptions::default()
     });
+    let mem = MemPages::repeating(vec![0; BUFFER_PAGES * PAGE_SIZE]);
     let mut sink = Recorder {
-        2: split & 0x80 != 0,
-        ..Recorder::default()
+        mem: if split & 0x80 != 0 {
+            mem.taking_bytes()
+        } else {
+            mem
+        },
+        writes: Vec::new(),
     };
     for piece in data.chunks(chunk) {
-        let before = sink.0.len();
+        let before = sink.writes.len();
         let r = dest.feed(piece, &mut sink);
         let total = dest.layout().map_or(0, |l| l.total_pages());
-        for &(start, count) in &sink.0[before..] {
+        for &(start, count) in &sink.writes[before..] {
             assert!(count > 0 && start + count <= total, "write outside layout");
         }
         if r.is_err() {

@@ -9,16 +9,16 @@
 //!
 //! Run: `cargo bench -p transport --bench delta_bench -- --size 256M`
 
-use std::io;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use transport::codec::FrameBuffer;
-use transport::layout::{MemoryLayout, PageIndex, PageRange, PAGE_SIZE};
+use transport::layout::{MemoryLayout, PageRange, PAGE_SIZE};
 use transport::session::{
-    Compression, DestAction, DestOptions, DestinationSession, PageSink, PageSource, PassStats,
-    SourceOptions, SourceSession,
+    Compression, DestAction, DestOptions, DestinationSession, PassStats, SourceOptions,
+    SourceSession,
 };
+use transport::testing::MemPages;
 
 #[derive(Parser, Debug)]
 #[command(about = "XOR delta benchmark")]
@@ -51,30 +51,6 @@ fn parse_mib(s: &str) -> Result<u64, String> {
     })
 }
 
-struct Mem(Vec<u8>);
-
-impl PageSource for Mem {
-    fn read_page(&self, index: PageIndex, out: &mut [u8; PAGE_SIZE]) -> io::Result<()> {
-        out.copy_from_slice(&self.0[index.0 as usize * PAGE_SIZE..][..PAGE_SIZE]);
-        Ok(())
-    }
-}
-
-impl PageSink for Mem {
-    fn write_page(&mut self, index: PageIndex, data: &[u8; PAGE_SIZE]) -> io::Result<()> {
-        self.0[index.0 as usize * PAGE_SIZE..][..PAGE_SIZE].copy_from_slice(data);
-        Ok(())
-    }
-    fn write_zero(&mut self, start: PageIndex, count: u64) -> io::Result<()> {
-        let s = start.0 as usize * PAGE_SIZE;
-        self.0[s..s + count as usize * PAGE_SIZE].fill(0);
-        Ok(())
-    }
-    fn read_back(&self, index: PageIndex, out: &mut [u8; PAGE_SIZE]) -> io::Result<()> {
-        self.read_page(index, out)
-    }
-}
-
 struct Rng(u64);
 
 impl Rng {
@@ -88,9 +64,9 @@ impl Rng {
 
 /// Heap-like pages: some random words, much repeated text (zstd shrinks
 /// them about 3x, as typical guest memory).
-fn guest(pages: u64, rng: &mut Rng) -> Mem {
+fn guest(pages: u64, rng: &mut Rng) -> MemPages {
     const TEXT: &[u8] = b"struct page { flags, mapping, index, private }; ";
-    let mut m = Mem(vec![0; pages as usize * PAGE_SIZE]);
+    let mut m = MemPages::new(vec![0; pages as usize * PAGE_SIZE]);
     for (p, page) in m.0.chunks_exact_mut(PAGE_SIZE).enumerate() {
         for (i, b) in page.iter_mut().enumerate() {
             *b = TEXT[(i + p) % TEXT.len()];
@@ -113,8 +89,8 @@ fn pass(
     src: &mut SourceSession,
     dst: &mut DestinationSession,
     ranges: &[PageRange],
-    smem: &Mem,
-    dmem: &mut Mem,
+    smem: &MemPages,
+    dmem: &mut MemPages,
     t: &mut Totals,
 ) {
     let mut fb = FrameBuffer::new();
@@ -153,7 +129,7 @@ fn row(args: &Args, name: &str, compression: Compression, rewrite: bool) {
     let pages = args.size * 256;
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let mut smem = guest(pages, &mut rng);
-    let mut dmem = Mem(vec![0; smem.0.len()]);
+    let mut dmem = MemPages::new(vec![0; smem.0.len()]);
     let layout = MemoryLayout::x86(pages * PAGE_SIZE as u64).unwrap();
     let mut src = SourceSession::new(layout, SourceOptions::default()).unwrap();
     let mut dst = DestinationSession::new(DestOptions {

@@ -43,9 +43,9 @@ use transport::identity::{ClusterCa, HostName, Validity};
 use transport::layout::{MemoryLayout, PageIndex, PageRange, PAGE_SIZE};
 use transport::limiter::RateLimiter;
 use transport::session::{
-    Compression, DestOptions, DestinationSession, PageSink, PageSource, SourceOptions,
-    SourceSession,
+    Compression, DestOptions, DestinationSession, PageSink, SourceOptions, SourceSession,
 };
+use transport::testing::MemPages;
 
 const GIB: f64 = (1u64 << 30) as f64;
 const BUFFER_PAGES: usize = 65536; // 256 MiB
@@ -107,59 +107,16 @@ fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
-/// Guest memory: a buffer that repeats over the whole layout.
-struct Memory(Vec<u8>);
-
-impl Memory {
-    fn offset(index: PageIndex) -> usize {
-        (index.0 as usize % BUFFER_PAGES) * PAGE_SIZE
-    }
+/// Where page `index` lives in a guest buffer of [`BUFFER_PAGES`] pages,
+/// which repeats over the whole layout.
+fn offset(index: PageIndex) -> usize {
+    (index.0 as usize % BUFFER_PAGES) * PAGE_SIZE
 }
 
-impl PageSource for Memory {
-    fn read_page(&self, index: PageIndex, out: &mut [u8; PAGE_SIZE]) -> std::io::Result<()> {
-        let at = Self::offset(index);
-        out.copy_from_slice(&self.0[at..at + PAGE_SIZE]);
-        Ok(())
-    }
-}
-
-impl PageSink for Memory {
-    fn write_page(&mut self, index: PageIndex, data: &[u8; PAGE_SIZE]) -> std::io::Result<()> {
-        let at = Self::offset(index);
-        self.0[at..at + PAGE_SIZE].copy_from_slice(data);
-        Ok(())
-    }
-    fn write_zero(&mut self, start: PageIndex, count: u64) -> std::io::Result<()> {
-        let mut i = start.0;
-        while i < start.0 + count {
-            // Whole stretches up to the end of the buffer at a time.
-            let at = Self::offset(PageIndex(i));
-            let run = (count - (i - start.0)).min(((self.0.len() - at) / PAGE_SIZE) as u64);
-            self.0[at..at + run as usize * PAGE_SIZE].fill(0);
-            i += run;
-        }
-        Ok(())
-    }
-    fn write_pages(&mut self, first: PageIndex, data: &[u8]) -> std::io::Result<()> {
-        self.write_bytes(first.0 * PAGE_SIZE as u64, data)
-    }
-    fn writes_bytes(&self) -> bool {
-        true
-    }
-    fn write_bytes(&mut self, at: u64, data: &[u8]) -> std::io::Result<()> {
-        let mut done = 0;
-        while done < data.len() {
-            let at = ((at + done as u64) % self.0.len() as u64) as usize;
-            let n = (data.len() - done).min(self.0.len() - at);
-            self.0[at..at + n].copy_from_slice(&data[done..done + n]);
-            done += n;
-        }
-        Ok(())
-    }
-    fn read_back(&self, index: PageIndex, out: &mut [u8; PAGE_SIZE]) -> std::io::Result<()> {
-        self.read_page(index, out)
-    }
+/// Guest memory: a buffer that repeats over the whole layout, taking byte
+/// ranges like a mapped memfd.
+fn guest_memory(buf: Vec<u8>) -> MemPages {
+    MemPages::repeating(buf).taking_bytes()
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -169,7 +126,7 @@ enum Content {
     Zero,
 }
 
-fn memory(content: Content) -> Memory {
+fn memory(content: Content) -> MemPages {
     // Every page touched, as in a running guest (a fresh zeroed allocation
     // would fault in pages during the measurement).
     let mut buf = vec![1u8; BUFFER_PAGES * PAGE_SIZE];
@@ -198,7 +155,7 @@ fn memory(content: Content) -> Memory {
         }
         Content::Zero => buf.fill(0),
     }
-    Memory(buf)
+    guest_memory(buf)
 }
 
 /// CPU seconds (user + system) and minor page faults of the whole process.
@@ -431,9 +388,10 @@ async fn raw_copies(
     for _ in 0..streams {
         // Touched before the clock starts, like a mapped memfd; together
         // as large as the page rows' sink.
-        sinks.push(Memory(vec![
+        sinks.push(guest_memory(vec![
             1u8;
-            BUFFER_PAGES / usize::from(streams) * PAGE_SIZE
+            BUFFER_PAGES / usize::from(streams)
+                * PAGE_SIZE
         ]));
     }
     let cpu0 = cpu_seconds();
@@ -448,7 +406,7 @@ async fn raw_copies(
                 let n = (per_stream - sent).min(CHUNK as u64) as usize;
                 let page = PageIndex((first + sent) / PAGE_SIZE as u64);
                 if !sender_copies {
-                    let at = Memory::offset(page);
+                    let at = offset(page);
                     let n = n.min(mem.len() - at);
                     tx.write_chunk(mem.slice(at..at + n)).await?;
                     sent += n as u64;
@@ -463,7 +421,7 @@ async fn raw_copies(
                 buf.clear();
                 let mut page = page;
                 while buf.len() < n {
-                    let at = Memory::offset(page);
+                    let at = offset(page);
                     buf.extend_from_slice(&mem[at..at + PAGE_SIZE]);
                     page.0 += 1;
                 }
@@ -484,14 +442,7 @@ async fn raw_copies(
                 // Ordered reads: the chunk starts at guest byte
                 // `first + got` (stream offsets also count the stream
                 // header).
-                let mut done = 0;
-                while done < c.bytes.len() {
-                    let guest = first + got + done as u64;
-                    let at = (guest % sink.0.len() as u64) as usize;
-                    let n = (c.bytes.len() - done).min(sink.0.len() - at);
-                    sink.0[at..at + n].copy_from_slice(&c.bytes[done..done + n]);
-                    done += n;
-                }
+                sink.write_bytes(first + got, &c.bytes)?;
                 got += c.bytes.len() as u64;
             }
             anyhow::Ok(Some((got, sink)))
@@ -550,7 +501,7 @@ async fn pages(
     let destination = tokio::spawn(async move {
         // Touched before the clock starts, like a destination's memfd that
         // is already mapped: page faults of the sink are not the protocol's.
-        let mut sink = Memory(vec![1u8; BUFFER_PAGES * PAGE_SIZE]);
+        let mut sink = guest_memory(vec![1u8; BUFFER_PAGES * PAGE_SIZE]);
         let mut session = DestinationSession::new(DestOptions {
             auto_accept: true,
             max_streams: 64,
@@ -629,7 +580,7 @@ async fn rtt(pair: &mut Pair, requests: u32) -> anyhow::Result<(Duration, Durati
         driver.serve_until_done(&mut session, &mem).await?;
         anyhow::Ok(())
     });
-    let mut sink = Memory(vec![0u8; BUFFER_PAGES * PAGE_SIZE]);
+    let mut sink = guest_memory(vec![0u8; BUFFER_PAGES * PAGE_SIZE]);
     let mut session = DestinationSession::new(DestOptions {
         auto_accept: true,
         ..DestOptions::default()

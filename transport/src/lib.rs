@@ -11,3 +11,5 @@ pub mod driver;
 pub mod endpoint;
 pub mod identity;
 pub mod limiter;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;

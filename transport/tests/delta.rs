@@ -14,50 +14,47 @@ use transport::session::{
     Compression, DestAction, DestError, DestOptions, DestState, DestinationSession, PageSink,
     PageSource, PassStats, SourceOptions, SourceSession,
 };
+use transport::testing::MemPages;
 
-/// Guest memory as a flat vector that counts page writes.
+/// Guest memory that counts page writes.
 #[derive(Clone)]
 struct Mem {
-    bytes: Vec<u8>,
+    bytes: MemPages,
     writes: u64,
 }
 
 impl Mem {
     fn new(pages: u64) -> Self {
         Self {
-            bytes: vec![0; pages as usize * PAGE_SIZE],
+            bytes: MemPages::zeroed(pages),
             writes: 0,
         }
     }
     fn page_mut(&mut self, i: u64) -> &mut [u8] {
-        &mut self.bytes[i as usize * PAGE_SIZE..][..PAGE_SIZE]
+        self.bytes.page_mut(i)
     }
     fn pages(&self) -> u64 {
-        (self.bytes.len() / PAGE_SIZE) as u64
+        self.bytes.pages()
     }
 }
 
 impl PageSource for Mem {
     fn read_page(&self, index: PageIndex, out: &mut [u8; PAGE_SIZE]) -> io::Result<()> {
-        out.copy_from_slice(&self.bytes[index.0 as usize * PAGE_SIZE..][..PAGE_SIZE]);
-        Ok(())
+        self.bytes.read_page(index, out)
     }
 }
 
 impl PageSink for Mem {
     fn write_page(&mut self, index: PageIndex, data: &[u8; PAGE_SIZE]) -> io::Result<()> {
         self.writes += 1;
-        self.page_mut(index.0).copy_from_slice(data);
-        Ok(())
+        self.bytes.write_page(index, data)
     }
     fn write_zero(&mut self, start: PageIndex, count: u64) -> io::Result<()> {
         self.writes += count;
-        let s = start.0 as usize * PAGE_SIZE;
-        self.bytes[s..s + count as usize * PAGE_SIZE].fill(0);
-        Ok(())
+        self.bytes.write_zero(start, count)
     }
     fn read_back(&self, index: PageIndex, out: &mut [u8; PAGE_SIZE]) -> io::Result<()> {
-        self.read_page(index, out)
+        self.bytes.read_back(index, out)
     }
 }
 
@@ -78,7 +75,7 @@ impl Rng {
 /// Random bytes in every page: zstd cannot shrink them, so only deltas can.
 fn random_mem(pages: u64, rng: &mut Rng) -> Mem {
     let mut m = Mem::new(pages);
-    for c in m.bytes.chunks_exact_mut(8) {
+    for c in m.bytes.0.chunks_exact_mut(8) {
         c.copy_from_slice(&rng.next().to_le_bytes());
     }
     m
@@ -411,7 +408,7 @@ fn peers_without_xor_delta_never_see_deltas() {
 /// with the second page's CRC replaced by `bad_crc` if given.
 fn xor_frame(pass: u32, first: u64, base: &Mem, target: &Mem, bad_crc: Option<u32>) -> Frame {
     let range = first as usize * PAGE_SIZE..(first as usize + 2) * PAGE_SIZE;
-    let (old, new) = (&base.bytes[range.clone()], &target.bytes[range]);
+    let (old, new) = (&base.bytes.0[range.clone()], &target.bytes.0[range]);
     let deltas: Vec<u8> = old.iter().zip(new).map(|(a, b)| a ^ b).collect();
     let mut crcs: Vec<u32> = new.chunks(PAGE_SIZE).map(crc32fast::hash).collect();
     if let Some(c) = bad_crc {
@@ -460,7 +457,7 @@ fn delta_with_bad_crc_is_rejected_and_writes_nothing() {
     let before = dst.clone();
     // The first page is fine; the second page's CRC is wrong, so neither
     // may be written.
-    let good = crc32fast::hash(&src.bytes[6 * PAGE_SIZE..7 * PAGE_SIZE]);
+    let good = crc32fast::hash(&src.bytes.0[6 * PAGE_SIZE..7 * PAGE_SIZE]);
     let frame = xor_frame(1, 5, &dst, &src, Some(good ^ 1));
     let bytes = frame.to_bytes().unwrap();
     let err = pair.send_dest(false, &bytes, &mut dst).unwrap_err();

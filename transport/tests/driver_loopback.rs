@@ -11,47 +11,13 @@ use transport::identity::{ClusterCa, HostName, Validity};
 use transport::layout::{MemoryLayout, PageIndex, PageRange, PAGE_SIZE};
 use transport::limiter::RateLimiter;
 use transport::session::{
-    DestOptions, DestinationSession, PageSink, PageSource, SourceError, SourceOptions,
-    SourceSession,
+    DestOptions, DestinationSession, SourceError, SourceOptions, SourceSession,
 };
-
-/// Guest memory in a vector.
-struct Memory(Vec<u8>);
-
-impl Memory {
-    fn page_mut(&mut self, i: u64) -> &mut [u8] {
-        let at = i as usize * PAGE_SIZE;
-        &mut self.0[at..at + PAGE_SIZE]
-    }
-}
-
-impl PageSource for Memory {
-    fn read_page(&self, index: PageIndex, out: &mut [u8; PAGE_SIZE]) -> std::io::Result<()> {
-        let at = index.0 as usize * PAGE_SIZE;
-        out.copy_from_slice(&self.0[at..at + PAGE_SIZE]);
-        Ok(())
-    }
-}
-
-impl PageSink for Memory {
-    fn write_page(&mut self, index: PageIndex, data: &[u8; PAGE_SIZE]) -> std::io::Result<()> {
-        self.page_mut(index.0).copy_from_slice(data);
-        Ok(())
-    }
-    fn write_zero(&mut self, start: PageIndex, count: u64) -> std::io::Result<()> {
-        for i in start.0..start.0 + count {
-            self.page_mut(i).fill(0);
-        }
-        Ok(())
-    }
-    fn read_back(&self, index: PageIndex, out: &mut [u8; PAGE_SIZE]) -> std::io::Result<()> {
-        self.read_page(index, out)
-    }
-}
+use transport::testing::MemPages;
 
 /// `pages` pages: a third random, a third text-like, a third zero.
-fn guest(pages: u64, seed: u64) -> Memory {
-    let mut m = Memory(vec![0u8; pages as usize * PAGE_SIZE]);
+fn guest(pages: u64, seed: u64) -> MemPages {
+    let mut m = MemPages::new(vec![0u8; pages as usize * PAGE_SIZE]);
     let mut x = seed | 1;
     for i in 0..pages {
         let kind = i % 3;
@@ -200,7 +166,7 @@ async fn postcopy_fetches_missing_pages_on_request() {
         dst_conn.accept_migration()
     );
     let mem = guest(PAGES, 3);
-    let dst_mem = Memory(vec![0u8; mem.0.len()]);
+    let dst_mem = MemPages::new(vec![0u8; mem.0.len()]);
 
     let destination = tokio::spawn(async move {
         let mut dst_mem = dst_mem;
@@ -264,7 +230,7 @@ async fn refused_hello_reaches_the_source() {
     );
     let mem = guest(16, 1);
     let destination = tokio::spawn(async move {
-        let mut sink = Memory(vec![0u8; 16 * PAGE_SIZE]);
+        let mut sink = MemPages::new(vec![0u8; 16 * PAGE_SIZE]);
         let mut session = DestinationSession::new(DestOptions::default());
         let mut driver = DestinationDriver::new(dst_streams.unwrap());
         let event = driver.next_event(&mut session, &mut sink).await.unwrap();
@@ -296,7 +262,7 @@ async fn rate_limit_paces_a_pass() {
     );
     let mem = guest(PAGES, 11);
     let destination = tokio::spawn(async move {
-        let mut sink = Memory(vec![0u8; PAGES as usize * PAGE_SIZE]);
+        let mut sink = MemPages::new(vec![0u8; PAGES as usize * PAGE_SIZE]);
         let mut session = DestinationSession::new(DestOptions {
             auto_accept: true,
             ..DestOptions::default()
@@ -352,7 +318,7 @@ async fn malformed_bytes_fail_the_destination_and_tell_the_source() {
     );
     let mut src = src.unwrap();
     let destination = tokio::spawn(async move {
-        let mut sink = Memory(vec![0u8; 16 * PAGE_SIZE]);
+        let mut sink = MemPages::new(vec![0u8; 16 * PAGE_SIZE]);
         let mut session = DestinationSession::new(DestOptions::default());
         let mut driver = DestinationDriver::new(dst.unwrap());
         let err = driver

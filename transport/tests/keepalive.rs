@@ -174,28 +174,13 @@ async fn idle_connection_survives_many_windows() {
     assert_eq!(src.unwrap().id, dst.unwrap().id);
 }
 
-/// Guest memory for the driver test: every page holds its own index.
-struct Pages(u64);
-
-impl transport::session::PageSource for Pages {
-    fn read_page(
-        &self,
-        index: transport::layout::PageIndex,
-        out: &mut [u8; transport::layout::PAGE_SIZE],
-    ) -> std::io::Result<()> {
-        for (i, w) in out.chunks_exact_mut(8).enumerate() {
-            w.copy_from_slice(&(index.0 ^ i as u64 ^ self.0).to_le_bytes());
-        }
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn driver_reports_peer_lost_mid_pass() {
     use transport::driver::{DestinationDriver, SourceDriver};
     use transport::layout::{MemoryLayout, PageRange};
     use transport::limiter::{BytesPerSecond, RateLimiter};
     use transport::session::{DestOptions, DestinationSession, SourceOptions, SourceSession};
+    use transport::testing::MemPages;
 
     let (proxy, src_conn, dst_conn, _endpoints) = connected_pair().await;
     let (src, dst) = tokio::join!(
@@ -204,7 +189,7 @@ async fn driver_reports_peer_lost_mid_pass() {
     );
     const PAGES: u64 = 4096; // 16 MiB at 4 MiB/s: still running when cut
     let destination = tokio::spawn(async move {
-        let mut sink = Sink;
+        let mut sink = MemPages::zeroed(PAGES);
         let mut session = DestinationSession::new(DestOptions {
             auto_accept: true,
             ..DestOptions::default()
@@ -216,7 +201,7 @@ async fn driver_reports_peer_lost_mid_pass() {
             }
         }
     });
-    let mem = Pages(7);
+    let mem = MemPages::random(PAGES, 7);
     let layout = MemoryLayout::x86(PAGES * transport::layout::PAGE_SIZE as u64).unwrap();
     let mut session = SourceSession::new(
         layout,
@@ -241,20 +226,4 @@ async fn driver_reports_peer_lost_mid_pass() {
     assert!(cut_at.elapsed() <= KEEPALIVE.window() + UPPER_SLACK);
     let dest_err = destination.await.unwrap();
     assert!(dest_err.is_peer_lost(), "{dest_err:?}");
-}
-
-/// A destination that discards pages.
-struct Sink;
-
-impl transport::session::PageSink for Sink {
-    fn write_page(
-        &mut self,
-        _: transport::layout::PageIndex,
-        _: &[u8; transport::layout::PAGE_SIZE],
-    ) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn write_zero(&mut self, _: transport::layout::PageIndex, _: u64) -> std::io::Result<()> {
-        Ok(())
-    }
 }

@@ -8,7 +8,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use common::{layout, Memory, Pair, Recording};
+use common::{layout, Pair, Recording};
 use tokio::sync::{mpsc, oneshot, watch};
 use transport::codec::{decode, Capabilities, Frame, FrameType, PageSet, MAX_MISSING_RANGES};
 use transport::driver::{DestEvent, DestinationDriver, DriverError, SourceDriver};
@@ -19,6 +19,7 @@ use transport::session::{
     DestAction, DestError, DestOptions, DestState, DestinationSession, SourceError, SourceEvent,
     SourceOptions, SourceSession, SourceState,
 };
+use transport::testing::MemPages;
 
 /// A fault from a vCPU task: the page, and where to say it is present.
 type Fault = (u64, oneshot::Sender<()>);
@@ -168,9 +169,9 @@ async fn requests_are_served_ahead_of_the_push() {
         src_conn.open_migration(MigrationId(1), 2),
         dst_conn.accept_migration()
     );
-    let mem = Memory::random(PAGES, 7);
+    let mem = MemPages::random(PAGES, 7);
     // Stale contents where pages are missing: they must all be replaced.
-    let mut sink = Recording::new(Memory::random(PAGES, 99));
+    let mut sink = Recording::new(MemPages::random(PAGES, 99));
 
     let (fault_tx, mut fault_rx) = mpsc::channel(16);
     let (go, go_rx) = watch::channel(false);
@@ -292,8 +293,8 @@ async fn recovers_after_the_connection_breaks_mid_push() {
     let id = MigrationId(77);
     let (src_streams, dst_streams) =
         tokio::join!(src_conn.open_migration(id, 2), dst_conn.accept_migration());
-    let mem = Memory::random(PAGES, 5);
-    let mut sink = Recording::new(Memory::random(PAGES, 55));
+    let mem = MemPages::random(PAGES, 5);
+    let mut sink = Recording::new(MemPages::random(PAGES, 55));
     let (fault_tx, mut fault_rx) = mpsc::channel(16);
     let (go, go_rx) = watch::channel(false);
     // Faults keep coming through the outage; they wait and are answered
@@ -425,14 +426,14 @@ fn frames(mut bytes: &[u8]) -> Vec<Frame> {
 struct InMemory {
     src: SourceSession,
     dst: DestinationSession,
-    mem: Memory,
+    mem: MemPages,
     sink: Recording,
 }
 
 impl InMemory {
     fn new(pages: u64, missing: &[PageRange]) -> Self {
-        let mem = Memory::random(pages, 3);
-        let mut sink = Recording::new(Memory(mem.0.clone()));
+        let mem = MemPages::random(pages, 3);
+        let mut sink = Recording::new(MemPages::new(mem.0.clone()));
         let mut src = SourceSession::new(
             layout(pages),
             SourceOptions {
@@ -720,7 +721,7 @@ fn post_copy_frames_in_the_wrong_state_are_rejected() {
         last: true,
         ranges: vec![PageRange::new(0, 1)],
     };
-    let mut sink = Recording::new(Memory(vec![0; pages as usize * PAGE_SIZE]));
+    let mut sink = Recording::new(MemPages::new(vec![0; pages as usize * PAGE_SIZE]));
     let mut dst = dest_session();
     let err = dst.handle(missing.clone(), &mut sink).unwrap_err();
     assert!(
@@ -794,7 +795,7 @@ fn post_copy_frames_in_the_wrong_state_are_rejected() {
 
     // Source: `Resumed` before the switchover, a missing set outside a
     // resume, a resume ack without RESUME.
-    let mem = Memory::random(pages, 1);
+    let mem = MemPages::random(pages, 1);
     let mut m = InMemory::new(pages, &[PageRange::new(0, 4)]);
     let err = m
         .src

@@ -12,48 +12,10 @@ use transport::codec::{
 };
 use transport::layout::{MemoryLayout, PageIndex, PageRange, PAGE_SIZE};
 use transport::session::{
-    DestAction, DestError, DestOptions, DestState, DestinationSession, PageSink, PageSource,
-    SourceError, SourceEvent, SourceOptions, SourceSession, SourceState,
+    DestAction, DestError, DestOptions, DestState, DestinationSession, PageSink, SourceError,
+    SourceEvent, SourceOptions, SourceSession, SourceState,
 };
-
-/// Guest memory as a flat vector, indexed by dense page index.
-struct Mem(Vec<u8>);
-
-impl Mem {
-    fn page(&self, i: u64) -> &[u8] {
-        &self.0[i as usize * PAGE_SIZE..][..PAGE_SIZE]
-    }
-    fn page_mut(&mut self, i: u64) -> &mut [u8] {
-        &mut self.0[i as usize * PAGE_SIZE..][..PAGE_SIZE]
-    }
-}
-
-impl PageSource for Mem {
-    fn read_page(&self, index: PageIndex, out: &mut [u8; PAGE_SIZE]) -> io::Result<()> {
-        out.copy_from_slice(self.page(index.0));
-        Ok(())
-    }
-}
-
-impl PageSink for Mem {
-    fn write_page(&mut self, index: PageIndex, data: &[u8; PAGE_SIZE]) -> io::Result<()> {
-        self.page_mut(index.0).copy_from_slice(data);
-        Ok(())
-    }
-    fn write_zero(&mut self, start: PageIndex, count: u64) -> io::Result<()> {
-        let s = start.0 as usize * PAGE_SIZE;
-        self.0[s..s + count as usize * PAGE_SIZE].fill(0);
-        Ok(())
-    }
-    fn write_pages(&mut self, first: PageIndex, data: &[u8]) -> io::Result<()> {
-        let s = first.0 as usize * PAGE_SIZE;
-        self.0[s..s + data.len()].copy_from_slice(data);
-        Ok(())
-    }
-    fn read_back(&self, index: PageIndex, out: &mut [u8; PAGE_SIZE]) -> io::Result<()> {
-        self.read_page(index, out)
-    }
-}
+use transport::testing::MemPages;
 
 /// A sink that only records what was written.
 #[derive(Default)]
@@ -74,7 +36,7 @@ impl PageSink for Recorder {
 /// records every write: `(byte address, length)` for byte writes, and how
 /// many page-granular writes came.
 struct ByteMem {
-    mem: Mem,
+    mem: MemPages,
     byte_writes: Vec<(u64, usize)>,
     page_writes: usize,
 }
@@ -83,7 +45,7 @@ impl ByteMem {
     /// `len` bytes of garbage (0x5A), no writes yet.
     fn new(len: usize) -> Self {
         Self {
-            mem: Mem(vec![0x5A; len]),
+            mem: MemPages::new(vec![0x5A; len]).taking_bytes(),
             byte_writes: Vec::new(),
             page_writes: 0,
         }
@@ -107,8 +69,7 @@ impl PageSink for ByteMem {
     }
     fn write_bytes(&mut self, at: u64, data: &[u8]) -> io::Result<()> {
         self.byte_writes.push((at, data.len()));
-        self.mem.0[at as usize..at as usize + data.len()].copy_from_slice(data);
-        Ok(())
+        self.mem.write_bytes(at, data)
     }
 }
 
@@ -172,7 +133,7 @@ fn deliver(
     dest: &mut DestinationSession,
     fb: &mut FrameBuffer,
     bytes: &[u8],
-    sink: &mut Mem,
+    sink: &mut MemPages,
 ) -> Vec<DestAction> {
     fb.push(bytes);
     let mut actions = Vec::new();
@@ -183,7 +144,11 @@ fn deliver(
 }
 
 /// Sends the destination's replies back to the source.
-fn reply_to_source(src: &mut SourceSession, mem: &Mem, actions: &[DestAction]) -> Vec<SourceEvent> {
+fn reply_to_source(
+    src: &mut SourceSession,
+    mem: &MemPages,
+    actions: &[DestAction],
+) -> Vec<SourceEvent> {
     let mut out = Vec::new();
     actions
         .iter()
@@ -200,8 +165,8 @@ fn run_pass(
     src: &mut SourceSession,
     dest: &mut DestinationSession,
     wire: &mut Wire,
-    smem: &Mem,
-    dmem: &mut Mem,
+    smem: &MemPages,
+    dmem: &mut MemPages,
     pages: &[PageRange],
     known_zero: &[PageRange],
 ) -> PassEnd {
@@ -251,7 +216,7 @@ fn migrate(total_mib: u64, opts: SourceOptions, dirty_passes: usize) {
     let total = total_mib * 256;
     let layout = MemoryLayout::x86(total_mib << 20).unwrap();
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-    let mut smem = Mem(vec![0; (total as usize) * PAGE_SIZE]);
+    let mut smem = MemPages::new(vec![0; (total as usize) * PAGE_SIZE]);
     // The last 1/16 of memory is never touched (a memfd hole).
     let hole_start = total - total / 16;
     for block in 0..hole_start / 16 {
@@ -261,7 +226,7 @@ fn migrate(total_mib: u64, opts: SourceOptions, dirty_passes: usize) {
         }
     }
     // The destination starts with garbage, so zero runs must really zero.
-    let mut dmem = Mem(vec![0x5A; (total as usize) * PAGE_SIZE]);
+    let mut dmem = MemPages::new(vec![0x5A; (total as usize) * PAGE_SIZE]);
 
     let compress = opts.compress;
     let mut src = SourceSession::new(layout.clone(), opts).unwrap();
@@ -373,10 +338,10 @@ fn migrates_without_compression_and_full_batches() {
 
 /// A source and an accepted destination over a small layout, with pass 0
 /// open and its frames encoded.
-fn small_setup(compress: bool) -> (SourceSession, DestinationSession, Mem, Vec<Vec<u8>>) {
+fn small_setup(compress: bool) -> (SourceSession, DestinationSession, MemPages, Vec<Vec<u8>>) {
     let layout = MemoryLayout::x86(64 * PAGE_SIZE as u64).unwrap();
     let mut rng = Rng(42);
-    let mut mem = Mem(vec![0; 64 * PAGE_SIZE]);
+    let mut mem = MemPages::new(vec![0; 64 * PAGE_SIZE]);
     for p in 0..64 {
         fill_page(mem.page_mut(p), 1 + p % 2, &mut rng);
     }
@@ -574,7 +539,7 @@ fn hello_needs_explicit_accept_and_refuse_is_sent() {
     assert!(matches!(actions[..], [DestAction::HelloReceived(_)]));
     assert_eq!(dest.state(), DestState::AwaitAccept);
     let refuse = dest.refuse(ReasonCode::NotEnoughMemory, "only 512 MiB free");
-    let mem = Mem(vec![0; 256 * PAGE_SIZE]);
+    let mem = MemPages::new(vec![0; 256 * PAGE_SIZE]);
     let err = src.handle(refuse, &mem, &mut out).unwrap_err();
     assert!(matches!(
         err,
@@ -750,7 +715,7 @@ fn write_fuzz_corpus() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
     let layout = MemoryLayout::x86(16 * PAGE_SIZE as u64).unwrap();
     let mut rng = Rng(7);
-    let mut mem = Mem(vec![0; 16 * PAGE_SIZE]);
+    let mut mem = MemPages::new(vec![0; 16 * PAGE_SIZE]);
     // Pages 12..16 stay zero: they are sent as a known-zero range.
     for p in 0..12u64 {
         fill_page(mem.page_mut(p), [0, 1, 2, 2][p as usize % 4], &mut rng);
@@ -776,7 +741,7 @@ fn write_fuzz_corpus() {
         let mut stream = vec![if compress { 3 } else { 255 }];
         let mut out = Vec::new();
         src.hello(&mut out).unwrap();
-        let mut sink = Mem(vec![0; 16 * PAGE_SIZE]);
+        let mut sink = MemPages::new(vec![0; 16 * PAGE_SIZE]);
         for a in dest.feed(&out, &mut sink).unwrap() {
             if let DestAction::Send(f) = a {
                 src.handle(f, &mem, &mut Vec::new()).unwrap();
@@ -867,9 +832,11 @@ fn bench_page_path() {
     let gib = |bytes: u64, secs: f64| bytes as f64 / secs / (1u64 << 30) as f64;
     let mut rng = Rng(3);
 
-    let src_mem = Mem((0..total as usize * PAGE_SIZE / 8)
-        .flat_map(|_| rng.next().to_le_bytes())
-        .collect());
+    let src_mem = MemPages::new(
+        (0..total as usize * PAGE_SIZE / 8)
+            .flat_map(|_| rng.next().to_le_bytes())
+            .collect(),
+    );
     let mut dst = vec![0u8; src_mem.0.len()];
     let t = Instant::now();
     for _ in 0..4 {
@@ -883,7 +850,7 @@ fn bench_page_path() {
     );
 
     for kind in ["raw", "compressible", "incompressible", "zero"] {
-        let mut mem = Mem(vec![0; total as usize * PAGE_SIZE]);
+        let mut mem = MemPages::new(vec![0; total as usize * PAGE_SIZE]);
         for p in 0..total {
             match kind {
                 "compressible" => fill_page(mem.page_mut(p), 2, &mut rng),
@@ -908,7 +875,7 @@ fn bench_page_path() {
             });
             // Non-zero fill touches every page, so page faults of the first
             // write are not part of the measurement (memcpy has none either).
-            let mut sink = Mem(vec![0x5A; total as usize * PAGE_SIZE]);
+            let mut sink = MemPages::new(vec![0x5A; total as usize * PAGE_SIZE]);
             let mut out = Vec::new();
             src.hello(&mut out).unwrap();
             for a in dest.feed(&out, &mut sink).unwrap() {

@@ -1,5 +1,5 @@
-//! Helpers shared by the post-copy and keepalive tests: guest memory in a vector, a sink
-//! that counts installs, endpoints with a short keepalive and a UDP proxy
+//! Helpers shared by the post-copy and keepalive tests: a sink that counts
+//! installs, endpoints with a short keepalive and a UDP proxy
 //! that can blackhole all traffic between them.
 
 #![allow(dead_code)]
@@ -13,52 +13,19 @@ use tokio::net::UdpSocket;
 use transport::endpoint::{Endpoint, EndpointConfig, Keepalive, PeerConnection};
 use transport::identity::{ClusterCa, HostName, Validity};
 use transport::layout::{MemoryLayout, PageIndex, PAGE_SIZE};
-use transport::session::{PageSink, PageSource};
-
-/// Guest memory in a vector.
-pub struct Memory(pub Vec<u8>);
-
-impl Memory {
-    /// `pages` pages of pseudo-random bytes (no zero pages).
-    pub fn random(pages: u64, seed: u64) -> Self {
-        let mut x = seed | 1;
-        let bytes = (0..pages as usize * PAGE_SIZE)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        Memory(bytes)
-    }
-
-    pub fn page(&self, i: u64) -> &[u8] {
-        &self.0[i as usize * PAGE_SIZE..][..PAGE_SIZE]
-    }
-
-    pub fn page_mut(&mut self, i: u64) -> &mut [u8] {
-        &mut self.0[i as usize * PAGE_SIZE..][..PAGE_SIZE]
-    }
-}
-
-impl PageSource for Memory {
-    fn read_page(&self, index: PageIndex, out: &mut [u8; PAGE_SIZE]) -> std::io::Result<()> {
-        out.copy_from_slice(self.page(index.0));
-        Ok(())
-    }
-}
+use transport::session::PageSink;
+use transport::testing::MemPages;
 
 /// Destination memory that counts how often each page was written.
 pub struct Recording {
-    pub mem: Memory,
+    pub mem: MemPages,
     pub writes: Vec<u32>,
     /// Every write call with data: (first page, pages).
     pub calls: Vec<(u64, u64)>,
 }
 
 impl Recording {
-    pub fn new(mem: Memory) -> Self {
+    pub fn new(mem: MemPages) -> Self {
         let pages = mem.0.len() / PAGE_SIZE;
         Self {
             mem,
@@ -70,26 +37,23 @@ impl Recording {
 
 impl PageSink for Recording {
     fn write_page(&mut self, index: PageIndex, data: &[u8; PAGE_SIZE]) -> std::io::Result<()> {
-        self.mem.page_mut(index.0).copy_from_slice(data);
         self.writes[index.0 as usize] += 1;
         self.calls.push((index.0, 1));
-        Ok(())
+        self.mem.write_page(index, data)
     }
     fn write_pages(&mut self, first: PageIndex, data: &[u8]) -> std::io::Result<()> {
-        for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
-            let index = first.0 as usize + i;
-            self.mem.page_mut(index as u64).copy_from_slice(page);
-            self.writes[index] += 1;
+        let pages = (data.len() / PAGE_SIZE) as u64;
+        for i in first.0..first.0 + pages {
+            self.writes[i as usize] += 1;
         }
-        self.calls.push((first.0, (data.len() / PAGE_SIZE) as u64));
-        Ok(())
+        self.calls.push((first.0, pages));
+        self.mem.write_pages(first, data)
     }
     fn write_zero(&mut self, start: PageIndex, count: u64) -> std::io::Result<()> {
         for i in start.0..start.0 + count {
-            self.mem.page_mut(i).fill(0);
             self.writes[i as usize] += 1;
         }
-        Ok(())
+        self.mem.write_zero(start, count)
     }
 }
 

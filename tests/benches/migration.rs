@@ -27,8 +27,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use common::{available_memory, check_binaries, human, raw_quinn, wait_running, GIB, MIB};
-use e2e::{kvm_or_skip, Cluster};
+use e2e::Cluster;
 use migrated::model::{MigrationPhase, MigrationRecord, MigrationRequest};
+use vmm::kvm_check::kvm_available_or_skip;
 
 mod common;
 
@@ -109,7 +110,7 @@ fn main() -> ExitCode {
     let raw = raw_quinn(raw_size);
 
     let mut rows = Vec::new();
-    if kvm_or_skip("migration bench") {
+    if kvm_available_or_skip() {
         let cluster = Cluster::loopback(|_| {});
         for (i, case) in cases.iter().enumerate() {
             eprintln!("migrating: {}", case.label);

@@ -44,13 +44,14 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use common::{available_memory, check_binaries, human, raw_quinn, wait_running, GIB, MIB};
-use e2e::{kvm_or_skip, Cluster};
+use e2e::Cluster;
 use migrated::model::{
     AutoConvergeStep, DirtyMode, DirtyRate, MigrationMode, MigrationOverrides, MigrationPhase,
     MigrationRecord, MigrationRequest, VmSpec, WorkloadSpec,
 };
 use migrated::quantity::{HumanDuration, Quantity};
 use table::{opt, print_baseline, print_reference, print_table, print_targets, secs};
+use vmm::kvm_check::kvm_available_or_skip;
 
 mod common;
 // A crate root looks for modules beside itself, where cargo would take
@@ -372,7 +373,7 @@ fn main() -> ExitCode {
 
     let mut rows = Vec::new();
     let mut downtime_limit = None;
-    if kvm_or_skip("strategies bench") {
+    if kvm_available_or_skip() {
         let cluster = Cluster::loopback(|_| {});
         let started = Instant::now();
         for (i, case) in cases.iter().enumerate() {

@@ -40,25 +40,6 @@ pub fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Whether KVM tests can run. Without a usable /dev/kvm they are skipped
-/// with a message, unless `MIGRATED_REQUIRE_KVM=1` makes that a failure.
-pub fn kvm_or_skip(test: &str) -> bool {
-    let usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm");
-    match usable {
-        Ok(_) => true,
-        Err(e) if std::env::var("MIGRATED_REQUIRE_KVM").as_deref() == Ok("1") => {
-            panic!("{test}: /dev/kvm is not usable ({e}) and MIGRATED_REQUIRE_KVM=1")
-        }
-        Err(e) => {
-            eprintln!("SKIPPED {test}: /dev/kvm is not usable ({e}); set MIGRATED_REQUIRE_KVM=1 to fail instead");
-            false
-        }
-    }
-}
-
 /// The programs under test, from the target directory this test binary
 /// was built into (`target/<profile>/deps/e2e-*` → `target/<profile>/`).
 #[derive(Clone, Debug)]

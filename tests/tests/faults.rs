@@ -13,13 +13,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use e2e::linkcut::{nft_available, CutMethod, LinkCut};
 use e2e::netns::{NetnsPair, ADDR_A, ADDR_B};
-use e2e::{kvm_or_skip, stderr, Cluster, HostSpec};
+use e2e::{stderr, Cluster, HostSpec};
 use migrated::config::Config;
 use migrated::model::{
     AbortStatus, HumanDuration, MigrationOverrides, MigrationPhase, MigrationRecord,
     MigrationRequest, Quantity, VmPhase,
 };
 use transport::endpoint::Keepalive;
+use vmm::kvm_check::kvm_available_or_skip;
 
 const A: &str = "node-a";
 const B: &str = "node-b";
@@ -254,7 +255,7 @@ fn udp_ok(ns: &NetnsPair, wait: Duration) -> bool {
 #[test]
 fn keepalive_short_cut_migration_still_succeeds() {
     let test = "keepalive_short_cut_migration_still_succeeds";
-    if !kvm_or_skip(test) {
+    if !kvm_available_or_skip() {
         return;
     }
     let Some(ns) = netns_or_skip(test) else {
@@ -310,7 +311,7 @@ fn keepalive_short_cut_migration_still_succeeds() {
 #[test]
 fn keepalive_long_cut_fails_with_peer_lost_and_guest_stays() {
     let test = "keepalive_long_cut_fails_with_peer_lost_and_guest_stays";
-    if !kvm_or_skip(test) {
+    if !kvm_available_or_skip() {
         return;
     }
     let Some(ns) = netns_or_skip(test) else {
@@ -440,7 +441,7 @@ fn cancel_via_api(c: &Cluster, name: &str) -> MigrationRecord {
 
 #[test]
 fn cancel_right_after_create() {
-    if !kvm_or_skip("cancel_right_after_create") {
+    if !kvm_available_or_skip() {
         return;
     }
     let (c, vm) = busy_cluster();
@@ -453,7 +454,7 @@ fn cancel_right_after_create() {
 
 #[test]
 fn cancel_during_pass_0() {
-    if !kvm_or_skip("cancel_during_pass_0") {
+    if !kvm_available_or_skip() {
         return;
     }
     let (c, vm) = busy_cluster();
@@ -476,7 +477,7 @@ fn cancel_during_pass_0() {
 
 #[test]
 fn cancel_during_dirty_pass_with_cli() {
-    if !kvm_or_skip("cancel_during_dirty_pass_with_cli") {
+    if !kvm_available_or_skip() {
         return;
     }
     let (c, vm) = busy_cluster();
@@ -517,7 +518,7 @@ fn record_duration(m: &MigrationRecord) -> Duration {
 /// progress timeout fires at the engine's first check 5 s after that.
 #[test]
 fn progress_timeout_fails_and_guest_stays() {
-    if !kvm_or_skip("progress_timeout_fails_and_guest_stays") {
+    if !kvm_available_or_skip() {
         return;
     }
     let progress_timeout = 5;
@@ -548,7 +549,7 @@ fn progress_timeout_fails_and_guest_stays() {
 /// The completion deadline: 3 s per started GiB, so 3 s for this guest.
 #[test]
 fn completion_timeout_fails_and_guest_stays() {
-    if !kvm_or_skip("completion_timeout_fails_and_guest_stays") {
+    if !kvm_available_or_skip() {
         return;
     }
     let per_gib = 3;
@@ -583,7 +584,7 @@ const POST_COPY_CUT: Duration = Duration::from_secs(10);
 #[test]
 fn post_copy_survives_a_ten_second_link_cut() {
     let test = "post_copy_survives_a_ten_second_link_cut";
-    if !kvm_or_skip(test) {
+    if !kvm_available_or_skip() {
         return;
     }
     let Some(ns) = netns_or_skip(test) else {

@@ -6,10 +6,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use e2e::netns::{NetnsPair, ADDR_A, ADDR_B};
-use e2e::{kvm_or_skip, run_with_deadline, serial, stderr, stdout, Binaries, Cluster, HostSpec};
+use e2e::{run_with_deadline, serial, stderr, stdout, Binaries, Cluster, HostSpec};
 use migrated::model::{
     HumanDuration, MigrationPhase, MigrationRecord, MigrationRequest, Quantity, VmPhase,
 };
+use vmm::kvm_check::kvm_available_or_skip;
 
 const A: &str = "node-a";
 const B: &str = "node-b";
@@ -55,7 +56,7 @@ fn assert_moved(c: &Cluster, vm: &str) {
 
 #[test]
 fn demo_json_reports_success() {
-    if !kvm_or_skip("demo_json_reports_success") {
+    if !kvm_available_or_skip() {
         return;
     }
     let _serial = serial();
@@ -79,7 +80,7 @@ fn demo_json_reports_success() {
 
 #[test]
 fn migrates_between_network_namespaces() {
-    if !kvm_or_skip("migrates_between_network_namespaces") {
+    if !kvm_available_or_skip() {
         return;
     }
     let ns = match NetnsPair::create() {
@@ -159,7 +160,7 @@ fn create_busy_vm(c: &Cluster, name: &str) {
 
 #[test]
 fn target_killed_mid_transfer_leaves_guest_on_source() {
-    if !kvm_or_skip("target_killed_mid_transfer_leaves_guest_on_source") {
+    if !kvm_available_or_skip() {
         return;
     }
     let mut c = slow_cluster();
@@ -187,7 +188,7 @@ fn target_killed_mid_transfer_leaves_guest_on_source() {
 
 #[test]
 fn second_migration_of_same_vm_is_refused() {
-    if !kvm_or_skip("second_migration_of_same_vm_is_refused") {
+    if !kvm_available_or_skip() {
         return;
     }
     let c = slow_cluster();
@@ -215,7 +216,7 @@ fn second_migration_of_same_vm_is_refused() {
 
 #[test]
 fn daemon_restart_keeps_guest_and_it_still_migrates() {
-    if !kvm_or_skip("daemon_restart_keeps_guest_and_it_still_migrates") {
+    if !kvm_available_or_skip() {
         return;
     }
     let mut c = Cluster::loopback(|_| {});
@@ -254,7 +255,7 @@ fn daemon_restart_keeps_guest_and_it_still_migrates() {
 
 #[test]
 fn cli_errors_are_clear_against_real_daemons() {
-    if !kvm_or_skip("cli_errors_are_clear_against_real_daemons") {
+    if !kvm_available_or_skip() {
         return;
     }
     let c = Cluster::loopback(|_| {});

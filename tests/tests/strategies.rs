@@ -9,11 +9,12 @@
 
 use std::time::Duration;
 
-use e2e::{kvm_or_skip, Cluster};
+use e2e::Cluster;
 use migrated::model::{
     MigrationMode, MigrationOverrides, MigrationPhase, MigrationRecord, MigrationRequest, Quantity,
     VmPhase,
 };
+use vmm::kvm_check::kvm_available_or_skip;
 
 const A: &str = "node-a";
 const B: &str = "node-b";
@@ -86,7 +87,7 @@ fn assert_moved(c: &Cluster, vm: &str, m: &MigrationRecord) {
 
 #[test]
 fn auto_converge_moves_a_guest_dirtying_all_its_memory_over_64mi() {
-    if !kvm_or_skip("auto_converge_moves_a_guest_dirtying_all_its_memory_over_64mi") {
+    if !kvm_available_or_skip() {
         return;
     }
     let c = Cluster::loopback(|_| {});
@@ -115,7 +116,7 @@ fn auto_converge_moves_a_guest_dirtying_all_its_memory_over_64mi() {
 
 #[test]
 fn post_copy_moves_a_guest_dirtying_all_its_memory_over_64mi() {
-    if !kvm_or_skip("post_copy_moves_a_guest_dirtying_all_its_memory_over_64mi") {
+    if !kvm_available_or_skip() {
         return;
     }
     let c = Cluster::loopback(|_| {});

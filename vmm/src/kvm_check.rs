@@ -51,15 +51,17 @@ pub fn check_kvm(device: &Path, require: Option<&str>) -> Result<KvmGate, KvmReq
     )))
 }
 
-/// For tests: true if KVM is usable. Prints the skip message and returns
-/// false when it is not and not required; panics (failing the test) when it
-/// is required.
+/// The gate, for every KVM test of the workspace: true if KVM is usable.
+/// When it is not, prints the skip message (naming the test, from libtest's
+/// thread name) and returns false, or panics (failing the test) under
+/// `MIGRATED_REQUIRE_KVM=1`.
 pub fn kvm_available_or_skip() -> bool {
     let require = std::env::var(REQUIRE_KVM_ENV).ok();
     match check_kvm(Path::new(KVM_DEVICE), require.as_deref()) {
         Ok(KvmGate::Run) => true,
         Ok(KvmGate::Skip(msg)) => {
-            eprintln!("{msg}");
+            let thread = std::thread::current();
+            eprintln!("{}: {msg}", thread.name().unwrap_or("test"));
             false
         }
         Err(e) => panic!("{e}"),

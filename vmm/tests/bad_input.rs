@@ -16,6 +16,7 @@ use vmm::control::RunState;
 use vmm::control::{
     encode_frame, read_reply, ErrorCode, FrameHeader, Response, MAX_ATTACHMENT_LEN, MAX_JSON_LEN,
 };
+use vmm::kvm_check::kvm_available_or_skip;
 use vmm::state::{write_blob, HEADER_LEN};
 
 fn raw(vmm: &Vmm) -> UnixStream {
@@ -39,7 +40,7 @@ fn closed(mut s: UnixStream) -> bool {
 
 #[test]
 fn malformed_requests_get_errors_and_guest_keeps_running() {
-    if !kvm() {
+    if !kvm_available_or_skip() {
         return;
     }
     let dir = scratch();
@@ -160,7 +161,7 @@ fn restore_must_fail(dir: &Path, name: &str, memfd: &std::os::fd::OwnedFd, path:
 
 #[test]
 fn restore_from_bad_state_file_fails_cleanly() {
-    if !kvm() {
+    if !kvm_available_or_skip() {
         return;
     }
     let dir = scratch();

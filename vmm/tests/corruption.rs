@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use guestmem::{Gpa, PAGE_SIZE};
+use vmm::kvm_check::kvm_available_or_skip;
 
 /// Finds the GPA in a serial line like `CORRUPT vcpu=0 gpa=0x... pass=N`.
 fn corrupt_gpa(line: &str) -> Option<u64> {
@@ -19,7 +20,7 @@ fn corrupt_gpa(line: &str) -> Option<u64> {
 
 #[test]
 fn flipped_byte_in_paused_guest_is_reported_as_corrupt() {
-    if !kvm() {
+    if !kvm_available_or_skip() {
         return;
     }
     let dir = scratch();

@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::*;
 use guestmem::{Gpa, MemoryLayout, PAGE_SIZE};
 use vmm::control::ErrorCode;
+use vmm::kvm_check::kvm_available_or_skip;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -19,7 +20,7 @@ fn page_index(layout: &MemoryLayout, gpa: Gpa) -> u64 {
 
 #[test]
 fn dirty_log_reports_exactly_the_pages_the_guest_wrote() {
-    if !kvm() {
+    if !kvm_available_or_skip() {
         return;
     }
     let dir = scratch();

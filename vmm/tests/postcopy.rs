@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use guestmem::{GuestMemory, MemoryLayout, Pager, Userfaultfd, PAGE_SIZE};
+use vmm::kvm_check::kvm_available_or_skip;
 use vmm::machine::Machine;
 use vmm::workload::{DirtyMode, DirtyRate, WorkloadParams};
 
@@ -40,7 +41,7 @@ fn copy_memory(from: &GuestMemory) -> GuestMemory {
 /// punched out and served over userfaultfd from a thread.
 #[test]
 fn in_process_guest_runs_on_served_faults() {
-    if !kvm() {
+    if !kvm_available_or_skip() {
         return;
     }
     let layout = MemoryLayout::for_size(256 << 20).unwrap();
@@ -120,7 +121,7 @@ fn in_process_guest_runs_on_served_faults() {
 /// or at least serve them before it expects a pause to finish.)
 #[test]
 fn pause_completes_once_blocked_faults_are_served() {
-    if !kvm() {
+    if !kvm_available_or_skip() {
         return;
     }
     let layout = MemoryLayout::for_size(64 << 20).unwrap();
@@ -313,7 +314,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[test]
 fn restored_guest_runs_on_pages_served_from_another_process() {
-    if !kvm() {
+    if !kvm_available_or_skip() {
         return;
     }
     let dir = scratch();

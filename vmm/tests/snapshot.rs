@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::*;
 use guestmem::GuestMemory;
 use vmm::control::RunState;
+use vmm::kvm_check::kvm_available_or_skip;
 use vmm::state::{write_blob, VmState};
 use vmm::workload::read_counters;
 
@@ -123,7 +124,7 @@ fn roundtrip(case: Case) {
 
 #[test]
 fn snapshot_roundtrip_preserves_memory_and_counter() {
-    if !kvm() {
+    if !kvm_available_or_skip() {
         return;
     }
     roundtrip(Case {
@@ -137,7 +138,7 @@ fn snapshot_roundtrip_preserves_memory_and_counter() {
 
 #[test]
 fn snapshot_roundtrip_one_vcpu_via_restore_request() {
-    if !kvm() {
+    if !kvm_available_or_skip() {
         return;
     }
     roundtrip(Case {

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use vmm::control::{ControlClient, ErrorCode};
+use vmm::kvm_check::kvm_available_or_skip;
 
 /// Guest passes per second over `window`, from the guest's own counter.
 /// The wait here is the measurement window itself, not a synchronisation.
@@ -22,7 +23,7 @@ fn pass_rate(c: &mut ControlClient, window: Duration) -> f64 {
 
 #[test]
 fn throttle_80_slows_the_guest_and_0_restores_it() {
-    if !kvm() {
+    if !kvm_available_or_skip() {
         return;
     }
     let dir = scratch();

@@ -25,13 +25,7 @@ pub fn vmm_binary() -> Option<PathBuf> {
 /// The VMM binary when KVM is usable, else `None` (test skipped, or failed
 /// under `MIGRATED_REQUIRE_KVM=1`).
 pub fn kvm_and_vmm() -> Option<PathBuf> {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        skip_or_fail("/dev/kvm is missing or not accessible");
+    if !vmm::kvm_check::kvm_available_or_skip() {
         return None;
     }
     let vmm = vmm_binary();

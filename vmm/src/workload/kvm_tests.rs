@@ -16,21 +16,11 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
 use super::*;
+use crate::kvm_check::kvm_available_or_skip;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// A test whose guest takes longer than this is broken, not slow.
 const RUN_LIMIT: Duration = Duration::from_secs(60);
-
-fn kvm_available() -> bool {
-    if std::path::Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    if std::env::var("MIGRATED_REQUIRE_KVM").as_deref() == Ok("1") {
-        panic!("MIGRATED_REQUIRE_KVM=1 but /dev/kvm is not available");
-    }
-    eprintln!("skipped: /dev/kvm not available");
-    false
-}
 
 struct TestVm {
     _kvm: Kvm,
@@ -228,7 +218,7 @@ fn params(wss: u64, rate: DirtyRate, mode: DirtyMode) -> WorkloadParams {
 
 #[test]
 fn boots_in_ring3_and_completes_sparse_passes() {
-    if !kvm_available() {
+    if !kvm_available_or_skip() {
         return;
     }
     let mut t = TestVm::new(
@@ -282,7 +272,7 @@ fn boots_in_ring3_and_completes_sparse_passes() {
 
 #[test]
 fn full_mode_detects_a_flipped_byte_once() {
-    if !kvm_available() {
+    if !kvm_available_or_skip() {
         return;
     }
     let mut t = TestVm::new(
@@ -329,7 +319,7 @@ fn full_mode_detects_a_flipped_byte_once() {
 
 #[test]
 fn vcpus_split_the_working_set() {
-    if !kvm_available() {
+    if !kvm_available_or_skip() {
         return;
     }
     let n = 3;
@@ -369,7 +359,7 @@ fn vcpus_split_the_working_set() {
 
 #[test]
 fn paced_guest_stays_near_its_rate() {
-    if !kvm_available() {
+    if !kvm_available_or_skip() {
         return;
     }
     // 4 MiB/s = 1024 pages/s over a 2 MiB (512-page) working set.
@@ -401,7 +391,7 @@ fn paced_guest_stays_near_its_rate() {
 
 #[test]
 fn idle_guest_fills_once_then_checks_read_only() {
-    if !kvm_available() {
+    if !kvm_available_or_skip() {
         return;
     }
     let mut t = TestVm::new(
@@ -443,7 +433,7 @@ fn idle_guest_fills_once_then_checks_read_only() {
 /// corruption: the state the guest needs really is in RAM + registers.
 #[test]
 fn continues_in_a_new_vm_from_a_mid_pass_snapshot() {
-    if !kvm_available() {
+    if !kvm_available_or_skip() {
         return;
     }
     let mut t = TestVm::new(
@@ -509,7 +499,7 @@ fn continues_in_a_new_vm_from_a_mid_pass_snapshot() {
 #[test]
 #[ignore]
 fn measure_dirty_rates() {
-    if !kvm_available() {
+    if !kvm_available_or_skip() {
         return;
     }
     for mode in [DirtyMode::Sparse, DirtyMode::Full] {

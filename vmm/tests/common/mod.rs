@@ -25,12 +25,6 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// hanging it.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The KVM gate: true to run, false (after printing "skipped: ...") to
-/// skip; panics when KVM is missing and MIGRATED_REQUIRE_KVM=1.
-pub fn kvm() -> bool {
-    vmm::kvm_check::kvm_available_or_skip()
-}
-
 /// Arguments of `migrate-vmm run`.
 #[derive(Clone, Debug)]
 pub struct RunOpts {

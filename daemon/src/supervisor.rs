@@ -230,15 +230,13 @@ impl VmmSupervisor {
     }
 
     fn connect(&self, paths: &VmPaths) -> Result<ControlClient, ProbeError> {
-        let client = ControlClient::connect(&paths.control_socket).map_err(|e| match e {
-            CallError::Connect { path, .. } => ProbeError::Gone { path },
-            other => ProbeError::Call(other),
-        })?;
         // A wedged VMM must not wedge the daemon's blocking pool.
-        client
-            .set_timeout(Some(self.call_timeout))
-            .map_err(ProbeError::Call)?;
-        Ok(client)
+        ControlClient::connect_with_timeout(&paths.control_socket, self.call_timeout).map_err(|e| {
+            match e {
+                CallError::Connect { path, .. } => ProbeError::Gone { path },
+                other => ProbeError::Call(other),
+            }
+        })
     }
 }
 

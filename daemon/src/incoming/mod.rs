@@ -18,7 +18,7 @@ use transport::codec::{Hello, ReasonCode};
 use transport::driver::{DestEvent, DestinationDriver};
 use transport::endpoint::{DestinationStreams, Endpoint, PeerConnection};
 use transport::session::{DestOptions, DestinationSession, PageSink};
-use vmm::control::ControlClient;
+use vmm::control::{ControlClient, VMM_CALL_TIMEOUT};
 
 use crate::guestio::{to_guest_layout, GuestPages, StateEnvelope};
 
@@ -336,10 +336,7 @@ fn finish(
         }
         info!(digest = %got, "memory digest matches the source");
     }
-    let mut client =
-        ControlClient::connect(&paths.control_socket).map_err(|e| crate::error_chain(&e))?;
-    client
-        .set_timeout(Some(std::time::Duration::from_secs(30)))
+    let mut client = ControlClient::connect_with_timeout(&paths.control_socket, VMM_CALL_TIMEOUT)
         .map_err(|e| crate::error_chain(&e))?;
     client
         .restore(&envelope.vm_state)

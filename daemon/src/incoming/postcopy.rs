@@ -37,7 +37,7 @@ use transport::driver::{DestEvent, DestinationDriver};
 use transport::endpoint::{DestinationStreams, MigrationId};
 use transport::layout::{PageIndex, PAGE_SIZE};
 use transport::session::{DestinationSession, PageSink};
-use vmm::control::ControlClient;
+use vmm::control::{ControlClient, VMM_CALL_TIMEOUT};
 
 use super::Prepared;
 use crate::guestio::{page_digest, page_set_digest, StateEnvelope};
@@ -192,11 +192,9 @@ impl PostCopy<'_> {
         let layout = p.mem.layout().clone();
         let pager =
             tokio::task::spawn_blocking(move || -> Result<(ControlClient, Pager), String> {
-                let mut client = ControlClient::connect(&paths.control_socket)
-                    .map_err(|e| crate::error_chain(&e))?;
-                client
-                    .set_timeout(Some(Duration::from_secs(30)))
-                    .map_err(|e| crate::error_chain(&e))?;
+                let mut client =
+                    ControlClient::connect_with_timeout(&paths.control_socket, VMM_CALL_TIMEOUT)
+                        .map_err(|e| crate::error_chain(&e))?;
                 let (fd, regions) = client.userfaultfd().map_err(|e| crate::error_chain(&e))?;
                 let pager = Pager::new(fd, &layout, regions).map_err(|e| crate::error_chain(&e))?;
                 Ok((client, pager))

@@ -22,7 +22,7 @@ use transport::endpoint::MigrationId;
 use transport::layout::{PageRange, PAGE_SIZE};
 use transport::limiter::{BytesPerSecond, RateLimiter};
 use transport::session::{Compression, SourceError, SourceOptions, SourceSession};
-use vmm::control::{CallError, ControlClient};
+use vmm::control::{CallError, ControlClient, VMM_CALL_TIMEOUT};
 
 use crate::engine::MigrationHandle;
 use crate::guestio::{
@@ -66,8 +66,6 @@ const THROTTLE_INITIAL: u8 = 20;
 const THROTTLE_INCREMENT: u8 = 10;
 /// The VMM's highest throttle.
 const THROTTLE_MAX: u8 = 99;
-/// How long one VMM control call may block.
-const VMM_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why an outgoing migration failed. The guest keeps running here.
 #[derive(Debug, thiserror::Error)]
@@ -242,13 +240,7 @@ async fn migrate(
             vm: record.vm.clone(),
         })?;
     let paths = ctx.service.store().vm_paths(&record.vm);
-    let client =
-        ControlClient::connect(&paths.control_socket).map_err(|source| MigrateOutError::Vmm {
-            step: "connect",
-            source,
-        })?;
-    client
-        .set_timeout(Some(VMM_CALL_TIMEOUT))
+    let client = ControlClient::connect_with_timeout(&paths.control_socket, VMM_CALL_TIMEOUT)
         .map_err(|source| MigrateOutError::Vmm {
             step: "connect",
             source,

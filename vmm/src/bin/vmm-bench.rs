@@ -299,8 +299,8 @@ fn bench_boot_process(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
             bail!("migrate-vmm printed {line:?} instead of READY");
         }
         ready.push(t.elapsed());
-        let mut c = ControlClient::connect(&sock).context("connect")?;
-        c.set_timeout(Some(Duration::from_secs(10)))?;
+        let mut c = ControlClient::connect_with_timeout(&sock, Duration::from_secs(10))
+            .context("connect")?;
         let deadline = t + Duration::from_secs(60);
         loop {
             let s = c.status().context("status")?;

@@ -162,6 +162,8 @@ pub struct ControlClient {
 }
 
 impl ControlClient {
+    /// Connects with no bound on a call; see
+    /// [`connect_with_timeout`](Self::connect_with_timeout).
     pub fn connect(path: impl AsRef<Path>) -> Result<Self, CallError> {
         let path = path.as_ref();
         let stream = UnixStream::connect(path).map_err(|source| CallError::Connect {
@@ -169,6 +171,18 @@ impl ControlClient {
             source,
         })?;
         Ok(Self { stream })
+    }
+
+    /// Connects and bounds every read and write of a call to `timeout`
+    /// (usually [`VMM_CALL_TIMEOUT`](super::VMM_CALL_TIMEOUT)), so a wedged
+    /// VMM fails the call instead of blocking its caller for good.
+    pub fn connect_with_timeout(
+        path: impl AsRef<Path>,
+        timeout: Duration,
+    ) -> Result<Self, CallError> {
+        let client = Self::connect(path)?;
+        client.set_timeout(Some(timeout))?;
+        Ok(client)
     }
 
     /// Wraps an already connected stream.

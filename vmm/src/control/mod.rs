@@ -38,6 +38,11 @@ use crate::workload::{GuestLayout, VcpuCounters};
 pub use client::{read_reply, write_request, CallError, ControlClient};
 pub use server::{serve, serve_connection, ControlHandler};
 
+/// How long one control call may block the daemon: every call is quick for
+/// a live VMM (restore of a full state blob included), so one that takes
+/// this long means the VMM is wedged.
+pub const VMM_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Bytes of the frame header: json length and attachment length, u32 LE.
 pub const FRAME_HEADER_LEN: usize = 8;
 /// Cap on the JSON part of a frame.

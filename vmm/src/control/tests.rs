@@ -211,9 +211,8 @@ fn start_fake() -> (tempfile::TempDir, std::path::PathBuf, Arc<Fake>) {
 #[test]
 fn client_and_server_exchange_every_kind_of_reply() {
     let (_dir, path, fake) = start_fake();
-    let mut c = ControlClient::connect(&path).unwrap();
-    c.set_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
+    let mut c =
+        ControlClient::connect_with_timeout(&path, std::time::Duration::from_secs(10)).unwrap();
 
     assert_eq!(c.status().unwrap(), sample_status());
     c.resume().unwrap();

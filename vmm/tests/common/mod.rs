@@ -198,9 +198,8 @@ impl Vmm {
     }
 
     pub fn client(&self) -> ControlClient {
-        let c = ControlClient::connect(&self.socket).expect("connect control socket");
-        c.set_timeout(Some(CALL_TIMEOUT)).expect("set timeout");
-        c
+        ControlClient::connect_with_timeout(&self.socket, CALL_TIMEOUT)
+            .expect("connect control socket")
     }
 
     pub fn status(&self) -> VmStatus {

@@ -6,6 +6,7 @@ pub mod control;
 pub mod handler;
 pub mod kvm_check;
 pub mod machine;
+pub mod ratelimit;
 pub mod serial;
 pub mod state;
 pub mod vcpu;

@@ -14,7 +14,7 @@ use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::vcpu::RateLimit;
+use crate::ratelimit::RateLimit;
 
 /// First I/O port of COM1.
 pub const COM1_BASE: u16 = 0x3f8;

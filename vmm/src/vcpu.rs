@@ -29,6 +29,7 @@ use tracing::{debug, error, info, warn};
 use vmm_sys_util::errno;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use crate::ratelimit::RateLimit;
 use crate::serial::SerialConsole;
 use crate::state::{save_vcpu, SaveVcpuError, VcpuState};
 use crate::workload::{decode_port_io, PortEvent};
@@ -79,38 +80,6 @@ pub fn kick_thread(thread: libc::pthread_t) {
     let rc = unsafe { libc::pthread_kill(thread, kick_signal()) };
     if rc != 0 {
         debug!(rc, "kick failed (thread already gone)");
-    }
-}
-
-/// Allows a guest-triggerable log line at most once per second.
-#[derive(Debug)]
-pub struct RateLimit {
-    next_ms: AtomicU64,
-}
-
-impl RateLimit {
-    pub const fn new() -> Self {
-        RateLimit {
-            next_ms: AtomicU64::new(0),
-        }
-    }
-
-    /// Whether to log now.
-    pub fn allow(&self) -> bool {
-        static EPOCH: OnceLock<Instant> = OnceLock::new();
-        let now = EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64;
-        let next = self.next_ms.load(Ordering::Relaxed);
-        now >= next
-            && self
-                .next_ms
-                .compare_exchange(next, now + 1000, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-    }
-}
-
-impl Default for RateLimit {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -558,13 +527,5 @@ mod tests {
         assert_eq!(throttle_sleep(ran, 0), Duration::ZERO);
         // Out-of-range input is clamped rather than dividing by zero.
         assert_eq!(throttle_sleep(ran, 100), Duration::from_millis(990));
-    }
-
-    #[test]
-    fn rate_limit_allows_once_per_second() {
-        let r = RateLimit::new();
-        assert!(r.allow());
-        assert!(!r.allow());
-        assert!(!r.allow());
     }
 }

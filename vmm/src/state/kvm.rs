@@ -46,38 +46,20 @@ pub struct Fpu {
     pub mxcsr: u32,
 }
 
-impl From<&kvm_fpu> for Fpu {
-    fn from(f: &kvm_fpu) -> Self {
-        Self {
-            fpr: f.fpr,
-            fcw: f.fcw,
-            fsw: f.fsw,
-            ftwx: f.ftwx,
-            last_opcode: f.last_opcode,
-            last_ip: f.last_ip,
-            last_dp: f.last_dp,
-            xmm: f.xmm,
-            mxcsr: f.mxcsr,
-        }
-    }
-}
-
-impl From<&Fpu> for kvm_fpu {
-    fn from(f: &Fpu) -> Self {
-        kvm_fpu {
-            fpr: f.fpr,
-            fcw: f.fcw,
-            fsw: f.fsw,
-            ftwx: f.ftwx,
-            last_opcode: f.last_opcode,
-            last_ip: f.last_ip,
-            last_dp: f.last_dp,
-            xmm: f.xmm,
-            mxcsr: f.mxcsr,
-            ..Default::default()
-        }
-    }
-}
+mirror_fields!(
+    Fpu,
+    kvm_fpu {
+        fpr,
+        fcw,
+        fsw,
+        ftwx,
+        last_opcode,
+        last_ip,
+        last_dp,
+        xmm,
+        mxcsr,
+    }..Default::default()
+);
 
 /// One model-specific register.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

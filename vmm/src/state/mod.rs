@@ -19,6 +19,32 @@
 //! of damage gets its own [`DecodeStateError`] variant. Guest RAM is not part
 //! of the blob: it stays in the memfd.
 
+/// `From<&Theirs> for Ours` and back, field by field, for our serde
+/// mirrors of state types that have no serde (kvm-bindings', vm-superio's):
+/// one field list, so the two directions cannot drift apart. Fields are
+/// cloned (a `Vec` among them is fine); `..rest` fills the foreign type's
+/// fields we do not keep (kernel padding).
+macro_rules! mirror_fields {
+    ($ours:ty, $theirs:ty { $($field:ident),+ $(,)? } $(..$rest:expr)?) => {
+        impl From<&$theirs> for $ours {
+            fn from(s: &$theirs) -> Self {
+                Self {
+                    $($field: Clone::clone(&s.$field),)+
+                }
+            }
+        }
+
+        impl From<&$ours> for $theirs {
+            fn from(s: &$ours) -> Self {
+                Self {
+                    $($field: Clone::clone(&s.$field),)+
+                    $(..$rest)?
+                }
+            }
+        }
+    };
+}
+
 mod kvm;
 
 use std::fs::File;
@@ -73,43 +99,25 @@ pub struct SerialState {
     pub in_buffer: Vec<u8>,
 }
 
-impl From<&vm_superio::serial::SerialState> for SerialState {
-    fn from(s: &vm_superio::serial::SerialState) -> Self {
-        Self {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        }
+mirror_fields!(
+    SerialState,
+    vm_superio::serial::SerialState {
+        baud_divisor_low,
+        baud_divisor_high,
+        interrupt_enable,
+        interrupt_identification,
+        line_control,
+        line_status,
+        modem_control,
+        modem_status,
+        scratch,
+        in_buffer,
     }
-}
+);
 
 impl From<vm_superio::serial::SerialState> for SerialState {
     fn from(s: vm_superio::serial::SerialState) -> Self {
         Self::from(&s)
-    }
-}
-
-impl From<&SerialState> for vm_superio::serial::SerialState {
-    fn from(s: &SerialState) -> Self {
-        Self {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        }
     }
 }
 

@@ -18,7 +18,7 @@ use transport::session::{
     Compression, DestAction, DestOptions, DestinationSession, PassStats, SourceOptions,
     SourceSession,
 };
-use transport::testing::MemPages;
+use transport::testing::{MemPages, Rng};
 
 #[derive(Parser, Debug)]
 #[command(about = "XOR delta benchmark")]
@@ -49,17 +49,6 @@ fn parse_mib(s: &str) -> Result<u64, String> {
             Ok(m)
         }
     })
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 /// Heap-like pages: some random words, much repeated text (zstd shrinks

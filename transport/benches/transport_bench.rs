@@ -45,7 +45,7 @@ use transport::limiter::RateLimiter;
 use transport::session::{
     Compression, DestOptions, DestinationSession, PageSink, SourceOptions, SourceSession,
 };
-use transport::testing::MemPages;
+use transport::testing::{MemPages, Rng};
 
 const GIB: f64 = (1u64 << 30) as f64;
 const BUFFER_PAGES: usize = 65536; // 256 MiB
@@ -130,13 +130,8 @@ fn memory(content: Content) -> MemPages {
     // Every page touched, as in a running guest (a fresh zeroed allocation
     // would fault in pages during the measurement).
     let mut buf = vec![1u8; BUFFER_PAGES * PAGE_SIZE];
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut rand = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut rand = move || rng.next();
     match content {
         Content::Random => buf.chunks_exact_mut(8).for_each(|c| {
             c.copy_from_slice(&rand().to_le_bytes());

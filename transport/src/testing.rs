@@ -41,17 +41,12 @@ impl MemPages {
         Self::new(vec![0; pages as usize * PAGE_SIZE])
     }
 
-    /// `pages` pages of pseudo-random bytes (xorshift from `seed`): no
-    /// zero pages, and nothing zstd can shrink.
+    /// `pages` pages of pseudo-random bytes ([`Rng`] from `seed`): no zero
+    /// pages, and nothing zstd can shrink.
     pub fn random(pages: u64, seed: u64) -> Self {
-        let mut x = seed | 1;
+        let mut rng = Rng(seed | 1);
         let bytes = (0..pages as usize * PAGE_SIZE)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
+            .map(|_| rng.next() as u8)
             .collect();
         Self::new(bytes)
     }
@@ -166,6 +161,26 @@ impl PageSink for MemPages {
         assert!(!data.is_empty(), "empty byte write");
         self.copy_in(at, data);
         Ok(())
+    }
+}
+
+/// xorshift64: deterministic test data from a seed, cheap enough to fill
+/// GiBs. The state must not be zero (it would stay zero).
+#[derive(Clone, Debug)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    #[allow(clippy::should_implement_trait)] // endless, so not an Iterator
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A value in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
     }
 }
 

@@ -7,16 +7,15 @@ use transport::codec::{
     HelloAck, PageBatch, PageSet, PassEnd, ReasonCode, XorPageBatch, HEADER_LEN, MAX_BATCH_PAGES,
 };
 use transport::layout::{MemoryLayout, PageIndex, Pfn, Region, PAGE_SIZE};
+use transport::testing::Rng;
 
 /// Deterministic page bytes from a seed (xorshift), with a tunable share of
 /// repeated bytes so some batches compress and some do not.
 fn pages(n: usize, seed: u64, compressible: bool) -> Vec<u8> {
-    let mut x = seed | 1;
+    let mut rng = Rng(seed | 1);
     let mut v = Vec::with_capacity(n * PAGE_SIZE);
     for _ in 0..n * PAGE_SIZE / 8 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        let x = rng.next();
         let w = if compressible { x & 0x0f } else { x };
         v.extend_from_slice(&w.to_le_bytes());
     }

@@ -14,7 +14,7 @@ use transport::session::{
     Compression, DestAction, DestError, DestOptions, DestState, DestinationSession, PageSink,
     PageSource, PassStats, SourceOptions, SourceSession,
 };
-use transport::testing::MemPages;
+use transport::testing::{MemPages, Rng};
 
 /// Guest memory that counts page writes.
 #[derive(Clone)]
@@ -55,20 +55,6 @@ impl PageSink for Mem {
     }
     fn read_back(&self, index: PageIndex, out: &mut [u8; PAGE_SIZE]) -> io::Result<()> {
         self.bytes.read_back(index, out)
-    }
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 

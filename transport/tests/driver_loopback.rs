@@ -13,22 +13,17 @@ use transport::limiter::RateLimiter;
 use transport::session::{
     DestOptions, DestinationSession, SourceError, SourceOptions, SourceSession,
 };
-use transport::testing::MemPages;
+use transport::testing::{MemPages, Rng};
 
 /// `pages` pages: a third random, a third text-like, a third zero.
 fn guest(pages: u64, seed: u64) -> MemPages {
     let mut m = MemPages::new(vec![0u8; pages as usize * PAGE_SIZE]);
-    let mut x = seed | 1;
+    let mut rng = Rng(seed | 1);
     for i in 0..pages {
         let kind = i % 3;
         for (j, b) in m.page_mut(i).iter_mut().enumerate() {
             *b = match kind {
-                0 => {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                }
+                0 => rng.next() as u8,
                 1 => b"the quick brown fox "[j % 20].wrapping_add(i as u8),
                 _ => 0,
             };

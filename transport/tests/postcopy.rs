@@ -19,7 +19,7 @@ use transport::session::{
     DestAction, DestError, DestOptions, DestState, DestinationSession, SourceError, SourceEvent,
     SourceOptions, SourceSession, SourceState,
 };
-use transport::testing::MemPages;
+use transport::testing::{MemPages, Rng};
 
 /// A fault from a vCPU task: the page, and where to say it is present.
 type Fault = (u64, oneshot::Sender<()>);
@@ -96,13 +96,10 @@ fn vcpu(
 ) -> tokio::task::JoinHandle<Vec<Duration>> {
     tokio::spawn(async move {
         start.wait_for(|&go| go).await.unwrap();
-        let mut x = seed | 1;
+        let mut rng = Rng(seed | 1);
         let mut waits = Vec::new();
         for _ in 0..faults {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let page = first + x % (end - first);
+            let page = first + rng.below(end - first);
             let (done, present) = oneshot::channel();
             let start = Instant::now();
             tx.send((page, done)).await.unwrap();

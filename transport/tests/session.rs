@@ -15,7 +15,7 @@ use transport::session::{
     DestAction, DestError, DestOptions, DestState, DestinationSession, PageSink, SourceError,
     SourceEvent, SourceOptions, SourceSession, SourceState,
 };
-use transport::testing::MemPages;
+use transport::testing::{MemPages, Rng};
 
 /// A sink that only records what was written.
 #[derive(Default)]
@@ -70,20 +70,6 @@ impl PageSink for ByteMem {
     fn write_bytes(&mut self, at: u64, data: &[u8]) -> io::Result<()> {
         self.byte_writes.push((at, data.len()));
         self.mem.write_bytes(at, data)
-    }
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 

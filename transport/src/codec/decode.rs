@@ -470,14 +470,7 @@ fn decode_batch(r: &mut Reader<'_>, compressed: bool) -> Result<PageBatch, Decod
     } = read_batch_fixed(r)?;
     let raw_len = count * PAGE_SIZE;
     let data = if compressed {
-        let zlen = r.u32()? as usize;
-        if zlen >= raw_len {
-            return Err(DecodeError::CompressedTooLarge {
-                len: zlen,
-                raw: raw_len,
-            });
-        }
-        Bytes::from(decompress(r.take(zlen)?, raw_len)?)
+        read_compressed(r, raw_len)?
     } else {
         r.take_bytes(raw_len)?
     };
@@ -503,15 +496,7 @@ fn decode_xor_batch(r: &mut Reader<'_>) -> Result<XorPageBatch, DecodeError> {
         .chunks_exact(4)
         .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
-    let raw_len = count * PAGE_SIZE;
-    let zlen = r.u32()? as usize;
-    if zlen >= raw_len {
-        return Err(DecodeError::CompressedTooLarge {
-            len: zlen,
-            raw: raw_len,
-        });
-    }
-    let deltas = Bytes::from(decompress(r.take(zlen)?, raw_len)?);
+    let deltas = read_compressed(r, count * PAGE_SIZE)?;
     let set = decode_set(r, kind, first, count)?;
     Ok(XorPageBatch {
         pass,
@@ -519,6 +504,20 @@ fn decode_xor_batch(r: &mut Reader<'_>) -> Result<XorPageBatch, DecodeError> {
         crcs,
         deltas,
     })
+}
+
+/// A zstd length and frame that must inflate to exactly `raw_len` bytes;
+/// the frame must be strictly smaller than that, which also bounds what a
+/// decompression bomb can claim.
+fn read_compressed(r: &mut Reader<'_>, raw_len: usize) -> Result<Bytes, DecodeError> {
+    let zlen = r.u32()? as usize;
+    if zlen >= raw_len {
+        return Err(DecodeError::CompressedTooLarge {
+            len: zlen,
+            raw: raw_len,
+        });
+    }
+    Ok(Bytes::from(decompress(r.take(zlen)?, raw_len)?))
 }
 
 /// The page set of a batch whose fixed part said `kind`, `first` and

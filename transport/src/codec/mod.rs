@@ -489,14 +489,12 @@ pub enum PostcopyDigest {
 }
 
 impl PostcopyDigest {
+    /// Every value, in wire order.
+    pub const ALL: [PostcopyDigest; 3] = [Self::NotChecked, Self::Matched, Self::Mismatched];
+
     /// Maps a wire value; `None` for a value no build defines.
     pub fn from_u8(v: u8) -> Option<Self> {
-        Some(match v {
-            0 => Self::NotChecked,
-            1 => Self::Matched,
-            2 => Self::Mismatched,
-            _ => return None,
-        })
+        Self::ALL.get(usize::from(v)).copied()
     }
 
     /// The result as the source's record keeps it: `None` when not checked.
@@ -613,11 +611,7 @@ mod tests {
 
     #[test]
     fn postcopy_digest_round_trips_its_byte() {
-        for d in [
-            PostcopyDigest::NotChecked,
-            PostcopyDigest::Matched,
-            PostcopyDigest::Mismatched,
-        ] {
+        for d in PostcopyDigest::ALL {
             assert_eq!(PostcopyDigest::from_u8(d as u8), Some(d));
         }
         assert_eq!(PostcopyDigest::from_u8(3), None);

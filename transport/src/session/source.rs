@@ -382,18 +382,23 @@ impl SourceSession {
     /// Appends the `Hello` (control stream).
     pub fn hello(&mut self, out: &mut Vec<u8>) -> Result<(), SourceError> {
         self.expect("hello", self.state == SourceState::New)?;
+        self.hello_frame(self.offered()).encode(out)?;
+        self.state = SourceState::HelloSent;
+        Ok(())
+    }
+
+    /// The `Hello` of this migration, offering `capabilities` (a fresh one
+    /// or, with `RESUME`, a resume).
+    fn hello_frame(&self, capabilities: Capabilities) -> Frame {
         Frame::Hello(Hello {
             version: PROTOCOL_VERSION,
-            capabilities: self.offered(),
+            capabilities,
             max_streams: self.opts.max_streams,
             host: self.opts.host.clone(),
             migration_id: self.opts.migration_id.clone(),
             vm_name: self.opts.vm_name.clone(),
             layout: self.layout.clone(),
         })
-        .encode(out)?;
-        self.state = SourceState::HelloSent;
-        Ok(())
     }
 
     /// Opens the next pass (numbered from 0) and appends `PassBegin`

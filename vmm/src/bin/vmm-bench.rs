@@ -177,6 +177,13 @@ fn bench_dirty_log(rows: &mut Vec<Row>, gib: u64, reps: usize) -> Result<()> {
     Ok(())
 }
 
+/// Zero pages in `buf` (whole pages), as pass 0 scans for them.
+fn zero_pages(buf: &[u8]) -> usize {
+    buf.chunks_exact(PAGE_SIZE)
+        .filter(|p| is_zero_page((*p).try_into().expect("page")))
+        .count()
+}
+
 fn bench_scan(rows: &mut Vec<Row>, mib: usize, reps: usize) {
     let len = mib << 20;
     // Resident, non-shared pages: write every page so that neither loop
@@ -192,10 +199,7 @@ fn bench_scan(rows: &mut Vec<Row>, mib: usize, reps: usize) {
         // was just zero-filled.
         let buf = std::hint::black_box(&src[..]);
         let t = Instant::now();
-        let zero = buf
-            .chunks_exact(PAGE_SIZE)
-            .filter(|p| is_zero_page((*p).try_into().expect("page")))
-            .count();
+        let zero = zero_pages(buf);
         scan.push(t.elapsed());
         assert_eq!(zero, len / PAGE_SIZE);
     }
@@ -209,10 +213,7 @@ fn bench_scan(rows: &mut Vec<Row>, mib: usize, reps: usize) {
     for _ in 0..reps {
         let buf = std::hint::black_box(&src[..]);
         let t = Instant::now();
-        let zero = buf
-            .chunks_exact(PAGE_SIZE)
-            .filter(|p| is_zero_page((*p).try_into().expect("page")))
-            .count();
+        let zero = zero_pages(buf);
         scan_tail.push(t.elapsed());
         assert_eq!(zero, 0);
         let t = Instant::now();

@@ -7,7 +7,7 @@
 //! continues at `p+n`, wrapping around to the lowest page still unsent.
 
 use super::{SourceError, SourceSession, SourceState};
-use crate::codec::{Capabilities, Frame, FrameType, Hello, PageSet, PROTOCOL_VERSION};
+use crate::codec::{Capabilities, Frame, FrameType, PageSet};
 use crate::layout::{PageIndex, PageRange, PAGE_SIZE};
 use crate::session::missing::PageBitmap;
 use crate::session::PageSource;
@@ -196,16 +196,8 @@ impl SourceSession {
                 SourceState::SwitchedOver { postcopy: true } | SourceState::Resuming { .. }
             );
         self.expect("resume", resumable)?;
-        Frame::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            capabilities: self.offered() | Capabilities::RESUME,
-            max_streams: self.opts.max_streams,
-            host: self.opts.host.clone(),
-            migration_id: self.opts.migration_id.clone(),
-            vm_name: self.opts.vm_name.clone(),
-            layout: self.layout.clone(),
-        })
-        .encode(out)?;
+        self.hello_frame(self.offered() | Capabilities::RESUME)
+            .encode(out)?;
         if let Some(push) = self.push.as_mut() {
             push.incoming = None;
         }

@@ -13,6 +13,7 @@ use quinn::SendStream;
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
+use super::control::ControlQueue;
 use super::reader::{spawn_readers, Inbound, InboundQueue};
 use super::{DriverError, LatencyStats, StreamRole};
 use crate::codec::{Frame, Hello, PassEnd};
@@ -23,24 +24,6 @@ use crate::session::{DestAction, DestState, DestinationSession, PageSink};
 /// Round-trip samples kept for the latency percentiles (a bound on memory;
 /// later samples are dropped).
 const MAX_RTT_SAMPLES: usize = 1 << 20;
-
-/// Encoded control frames waiting for the control writer. The destination
-/// only answers the source (hello-ack, acks, `Done`, ...), one or two frames
-/// per source frame, except a resume, whose answer is the hello-ack plus
-/// the missing set in chunks of up to 64 KiB: 64 frames send a resume of up
-/// to ~250,000 ranges in one go, and bound the queue at ~4 MiB.
-///
-/// No deadlock: frames the session produces while a frame is handled (which
-/// must not await) wait in the driver's `held` list, and the driver moves
-/// them into the queue before it takes the next inbound frame or returns
-/// an event. Waiting there waits only for the control writer, which waits
-/// only for the source to read its control stream; the source reads it in
-/// a task of its own, whatever its driver is doing, as long as its driver
-/// keeps up with the few answers it asked for (it waits for each at the
-/// pass boundary that asked for it). So the writer's wait never depends on
-/// this driver reading its inbound queue, and a source that stops reading
-/// stalls this side instead of growing its memory.
-const CONTROL_FRAMES: usize = 64;
 
 /// Something only the caller can act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,10 +73,7 @@ pub enum DestEvent {
 /// ```
 #[derive(Debug)]
 pub struct DestinationDriver {
-    control: mpsc::Sender<Vec<u8>>,
-    /// Encoded control frames the session produced while the queue was
-    /// full, oldest first (see [`CONTROL_FRAMES`]).
-    held: VecDeque<Vec<u8>>,
+    control: ControlQueue,
     control_task: Option<JoinHandle<Result<(), DriverError>>>,
     priority: SendStream,
     inbound: InboundQueue,
@@ -123,11 +103,10 @@ impl DestinationDriver {
                 .map(|(i, s)| (StreamRole::Bulk(i as u16), s)),
         );
         let (inbound, readers) = spawn_readers(incoming);
-        let (control, queue) = mpsc::channel(CONTROL_FRAMES);
+        let (control, queue) = ControlQueue::new();
         let control_task = tokio::spawn(write_control(streams.control_tx, queue));
         Self {
             control,
-            held: VecDeque::new(),
             control_task: Some(control_task),
             priority: streams.priority_tx,
             inbound,
@@ -144,7 +123,7 @@ impl DestinationDriver {
     /// all of them before an event is returned.
     ///
     /// Cancel-safe: it awaits only room in the control queue (a held frame
-    /// leaves `held` only once it has its place) and the inbound queue, and
+    /// leaves the held list only with its place) and the inbound queue, and
     /// a frame taken from the latter is handled without awaiting, so
     /// dropping the future (a `select!` arm losing) loses no frame and no
     /// event.
@@ -155,7 +134,7 @@ impl DestinationDriver {
     ) -> Result<DestEvent, DriverError> {
         loop {
             if !self.events.is_empty() {
-                self.release_held().await;
+                self.control.release().await;
                 if let Some(event) = self.events.pop_front() {
                     return Ok(event);
                 }
@@ -176,8 +155,7 @@ impl DestinationDriver {
     }
 
     async fn queue_control(&mut self, buf: Vec<u8>) -> Result<(), DriverError> {
-        // Frames the session produced earlier go first.
-        self.release_held().await;
+        // After the frames the session produced earlier.
         if self.control.send(buf).await.is_ok() {
             return Ok(());
         }
@@ -263,7 +241,7 @@ impl DestinationDriver {
                 .position(|e| matches!(e, DestEvent::PageReply { id, .. } if *id == wanted));
             if let Some(pos) = answered {
                 self.events.remove(before + pos);
-                self.release_held().await;
+                self.control.release().await;
                 return Ok(());
             }
         }
@@ -290,7 +268,7 @@ impl DestinationDriver {
             }
             if let Some(missing) = self.pump(session, sink).await? {
                 // The hello-ack and missing set go out before the requests.
-                self.release_held().await;
+                self.control.release().await;
                 for frame in session.outstanding_requests() {
                     if let Frame::PageRequest { id, .. } = frame {
                         // Keep the first send time: the fault waited since.
@@ -321,8 +299,8 @@ impl DestinationDriver {
         sink: &mut S,
     ) -> Result<Option<u64>, DriverError> {
         // What the previous frame produced is queued before the next is
-        // taken, so `held` never holds more than one frame's answers.
-        self.release_held().await;
+        // taken (see the control module).
+        self.control.release().await;
         let inbound = self
             .inbound
             .recv()
@@ -387,38 +365,13 @@ impl DestinationDriver {
         Ok(resumed)
     }
 
-    /// Queues a frame for the control writer without waiting: in the queue
-    /// if it has room and nothing is held, else in `held` until
-    /// [`release_held`](Self::release_held). A writer that already failed
-    /// shows up on the next `send_control` or as a stream error from the
-    /// readers.
+    /// Queues a frame for the control writer without waiting. A writer that
+    /// already failed shows up on the next `send_control` or as a stream
+    /// error from the readers.
     fn queue_now(&mut self, frame: &Frame) {
         let mut buf = Vec::new();
-        if frame.encode(&mut buf).is_err() {
-            return;
-        }
-        if !self.held.is_empty() {
-            self.held.push_back(buf);
-            return;
-        }
-        match self.control.try_send(buf) {
-            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
-            Err(mpsc::error::TrySendError::Full(buf)) => self.held.push_back(buf),
-        }
-    }
-
-    /// Moves the held frames into the control queue, waiting for room.
-    /// Cancel-safe: a frame leaves `held` only together with its place.
-    async fn release_held(&mut self) {
-        while !self.held.is_empty() {
-            let Ok(permit) = self.control.reserve().await else {
-                // The writer failed; `send_control` or the readers say why.
-                self.held.clear();
-                return;
-            };
-            if let Some(buf) = self.held.pop_front() {
-                permit.send(buf);
-            }
+        if frame.encode(&mut buf).is_ok() {
+            self.control.push_now(buf);
         }
     }
 }

@@ -32,6 +32,7 @@
 //! session says so) before it is returned. A lost peer surfaces as
 //! [`DriverError::Transport`] with [`TransportError::PeerLost`].
 
+mod control;
 mod destination;
 mod reader;
 mod source;

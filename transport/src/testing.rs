@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use crate::layout::{PageIndex, PAGE_SIZE};
+use crate::layout::{PageIndex, PageRange, PAGE_SIZE};
 use crate::session::{PageSink, PageSource};
 
 /// Guest memory in a vector: `.0` holds page `i` at byte `i * PAGE_SIZE`.
@@ -164,6 +164,18 @@ impl PageSink for MemPages {
     }
 }
 
+/// Ascending page indexes as ranges of consecutive pages.
+pub fn page_runs(pages: impl IntoIterator<Item = u64>) -> Vec<PageRange> {
+    let mut out: Vec<PageRange> = Vec::new();
+    for p in pages {
+        match out.last_mut() {
+            Some(r) if r.start.0 + r.count == p => r.count += 1,
+            _ => out.push(PageRange::new(p, 1)),
+        }
+    }
+    out
+}
+
 /// xorshift64: deterministic test data from a seed, cheap enough to fill
 /// GiBs. The state must not be zero (it would stay zero).
 #[derive(Clone, Debug)]
@@ -217,6 +229,20 @@ mod tests {
         assert_eq!(m.page_offset(6), 0);
         m.write_zero(PageIndex(3), 2).unwrap();
         assert!(m.0.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn page_runs_join_consecutive_pages() {
+        let runs = page_runs([1, 2, 3, 7, 9, 10]);
+        assert_eq!(
+            runs,
+            [
+                PageRange::new(1, 3),
+                PageRange::new(7, 1),
+                PageRange::new(9, 2)
+            ]
+        );
+        assert!(page_runs([]).is_empty());
     }
 
     #[test]

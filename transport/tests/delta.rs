@@ -14,7 +14,7 @@ use transport::session::{
     Compression, DestAction, DestError, DestOptions, DestState, DestinationSession, PageSink,
     PageSource, PassStats, SourceOptions, SourceSession,
 };
-use transport::testing::{MemPages, Rng};
+use transport::testing::{page_runs, MemPages, Rng};
 
 /// Guest memory that counts page writes.
 #[derive(Clone)]
@@ -84,18 +84,7 @@ fn dirty_sparsely(mem: &mut Mem, count: u64, rng: &mut Rng) -> Vec<PageRange> {
         let v = rng.next().to_le_bytes();
         mem.page_mut(p)[at..at + 8].copy_from_slice(&v);
     }
-    to_ranges(&pages)
-}
-
-fn to_ranges(pages: &[u64]) -> Vec<PageRange> {
-    let mut out: Vec<PageRange> = Vec::new();
-    for &p in pages {
-        match out.last_mut() {
-            Some(r) if r.start.0 + r.count == p => r.count += 1,
-            _ => out.push(PageRange::new(p, 1)),
-        }
-    }
-    out
+    page_runs(pages)
 }
 
 /// A source and a destination session wired together in memory.

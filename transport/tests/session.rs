@@ -15,7 +15,7 @@ use transport::session::{
     DestAction, DestError, DestOptions, DestState, DestinationSession, PageSink, SourceError,
     SourceEvent, SourceOptions, SourceSession, SourceState,
 };
-use transport::testing::{MemPages, Rng};
+use transport::testing::{page_runs, MemPages, Rng};
 
 /// A sink that only records what was written.
 #[derive(Default)]
@@ -87,17 +87,6 @@ fn fill_page(page: &mut [u8], kind: u64, rng: &mut Rng) {
             }
         }
     }
-}
-
-fn ranges(pages: &BTreeSet<u64>) -> Vec<PageRange> {
-    let mut out: Vec<PageRange> = Vec::new();
-    for &p in pages {
-        match out.last_mut() {
-            Some(r) if r.start.0 + r.count == p => r.count += 1,
-            _ => out.push(PageRange::new(p, 1)),
-        }
-    }
-    out
 }
 
 /// Delivers frames to the destination the way a multi-stream driver would.
@@ -255,7 +244,7 @@ fn migrate(total_mib: u64, opts: SourceOptions, dirty_passes: usize) {
             &mut wire,
             &smem,
             &mut dmem,
-            &ranges(&dirty),
+            &page_runs(dirty.iter().copied()),
             &[],
         );
         assert_eq!(end.pages_sent + end.zero_pages, dirty.len() as u64);

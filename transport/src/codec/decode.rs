@@ -462,22 +462,16 @@ pub(super) fn read_batch_fixed(r: &mut Reader<'_>) -> Result<BatchFixed, DecodeE
 }
 
 fn decode_batch(r: &mut Reader<'_>, compressed: bool) -> Result<PageBatch, DecodeError> {
-    let BatchFixed {
-        pass,
-        first,
-        count,
-        kind,
-    } = read_batch_fixed(r)?;
-    let raw_len = count * PAGE_SIZE;
+    let fixed = read_batch_fixed(r)?;
+    let raw_len = fixed.count * PAGE_SIZE;
     let data = if compressed {
         read_compressed(r, raw_len)?
     } else {
         r.take_bytes(raw_len)?
     };
-    let set = decode_set(r, kind, first, count)?;
     Ok(PageBatch {
-        pass,
-        set,
+        pass: fixed.pass,
+        set: decode_set(r, &fixed)?,
         data: data.into(),
     })
 }
@@ -485,22 +479,16 @@ fn decode_batch(r: &mut Reader<'_>, compressed: bool) -> Result<PageBatch, Decod
 /// Fixed part, `count` CRCs, then the compressed deltas like a compressed
 /// batch: `zlen < 4096 × count`, inflated into exactly that many bytes.
 fn decode_xor_batch(r: &mut Reader<'_>) -> Result<XorPageBatch, DecodeError> {
-    let BatchFixed {
-        pass,
-        first,
-        count,
-        kind,
-    } = read_batch_fixed(r)?;
+    let fixed = read_batch_fixed(r)?;
     let crcs: Vec<u32> = r
-        .take(count * 4)?
+        .take(fixed.count * 4)?
         .chunks_exact(4)
         .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
-    let deltas = read_compressed(r, count * PAGE_SIZE)?;
-    let set = decode_set(r, kind, first, count)?;
+    let deltas = read_compressed(r, fixed.count * PAGE_SIZE)?;
     Ok(XorPageBatch {
-        pass,
-        set,
+        pass: fixed.pass,
+        set: decode_set(r, &fixed)?,
         crcs,
         deltas,
     })
@@ -520,14 +508,12 @@ fn read_compressed(r: &mut Reader<'_>, raw_len: usize) -> Result<Bytes, DecodeEr
     Ok(Bytes::from(decompress(r.take(zlen)?, raw_len)?))
 }
 
-/// The page set of a batch whose fixed part said `kind`, `first` and
-/// `count` (already checked to be 1..=128); reads the offsets of a list.
-pub(super) fn decode_set(
-    r: &mut Reader<'_>,
-    kind: u8,
-    first: u64,
-    count: usize,
-) -> Result<PageSet, DecodeError> {
+/// The page set of a batch with this fixed part (its count already
+/// checked to be 1..=128); reads the offsets of a list.
+pub(super) fn decode_set(r: &mut Reader<'_>, fixed: &BatchFixed) -> Result<PageSet, DecodeError> {
+    let BatchFixed {
+        first, count, kind, ..
+    } = *fixed;
     let set = match kind {
         0 => PageSet::Run {
             first: PageIndex(first),

@@ -101,17 +101,11 @@ impl Rope {
 
     /// The batch, once complete and its CRC checked.
     fn decode(self) -> Result<Frame, DecodeError> {
-        let BatchFixed {
-            pass,
-            first,
-            count,
-            kind,
-        } = self.fixed;
         let mut tail = Reader::new(&self.tail, FrameType::PageBatch);
-        let set = decode_set(&mut tail, kind, first, count)?;
+        let set = decode_set(&mut tail, &self.fixed)?;
         tail.end()?;
         Ok(Frame::PageBatch(PageBatch {
-            pass,
+            pass: self.fixed.pass,
             set,
             data: PageData::from_pieces(self.pieces),
         }))

@@ -113,14 +113,7 @@ impl Endpoint {
         addr: SocketAddr,
         peer: &HostName,
     ) -> Result<PeerConnection, ConnectError> {
-        let connecting =
-            self.quinn
-                .connect(addr, peer.as_str())
-                .map_err(|source| ConnectError::Start {
-                    peer: peer.clone(),
-                    addr,
-                    source,
-                })?;
+        let connecting = self.quinn.connect(addr, peer.as_str());
         self.finish_connect(connecting, addr, peer).await
     }
 
@@ -132,23 +125,24 @@ impl Endpoint {
         addr: SocketAddr,
         peer: &HostName,
     ) -> Result<PeerConnection, ConnectError> {
-        let connecting = self
-            .quinn
-            .connect_with((*self.anonymous_client).clone(), addr, peer.as_str())
-            .map_err(|source| ConnectError::Start {
-                peer: peer.clone(),
-                addr,
-                source,
-            })?;
+        let connecting =
+            self.quinn
+                .connect_with((*self.anonymous_client).clone(), addr, peer.as_str());
         self.finish_connect(connecting, addr, peer).await
     }
 
+    /// Completes a dial that quinn started (or refused to start).
     async fn finish_connect(
         &self,
-        connecting: quinn::Connecting,
+        connecting: Result<quinn::Connecting, quinn::ConnectError>,
         addr: SocketAddr,
         peer: &HostName,
     ) -> Result<PeerConnection, ConnectError> {
+        let connecting = connecting.map_err(|source| ConnectError::Start {
+            peer: peer.clone(),
+            addr,
+            source,
+        })?;
         let refused = |e: quinn::ConnectionError| {
             let error = match HandshakeFailure::classify(e) {
                 HandshakeFailure::WeRefused { reason } => ConnectError::Unauthenticated {

@@ -38,6 +38,16 @@ enum Command {
     Run(RunArgs),
     /// Resume a saved guest from an inherited memfd; stays paused until Resume.
     Restore(RestoreArgs),
+    /// Write the workload as a Multiboot image for `qemu-system-x86_64
+    /// -kernel` (command line: see the `vmm::multiboot` docs).
+    MultibootImage(MultibootImageArgs),
+}
+
+#[derive(Args, Debug)]
+struct MultibootImageArgs {
+    /// File to write (replaced if it exists).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -171,6 +181,7 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Command::Run(a) => run(a),
         Command::Restore(a) => restore(a),
+        Command::MultibootImage(a) => write_multiboot_image(&a.out),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -213,6 +224,22 @@ fn restore(a: RestoreArgs) -> Result<()> {
         None => VmmHandler::waiting_for_state(a.common.name.clone(), memfd, log),
     };
     serve_until_shutdown(&a.common, handler, a.watch)
+}
+
+/// Writes the image to a temporary file beside `out` and renames it, so a
+/// reader never sees half an image.
+fn write_multiboot_image(out: &Path) -> Result<()> {
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    tmp.write_all(&vmm::multiboot::image())
+        .context("cannot write the image")?;
+    tmp.persist(out)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(())
 }
 
 /// Takes ownership of an fd inherited from the parent.

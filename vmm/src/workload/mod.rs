@@ -53,8 +53,8 @@
 //! * The SLEEP port must be honoured (interruptibly) or a paced/idle guest
 //!   spins; everything else is informational.
 
-mod guest;
-mod setup;
+pub(crate) mod guest;
+pub(crate) mod setup;
 
 #[cfg(test)]
 mod kvm_tests;

@@ -7,6 +7,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Write};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -237,6 +238,10 @@ fn write_multiboot_image(out: &Path) -> Result<()> {
         .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
     tmp.write_all(&vmm::multiboot::image())
         .context("cannot write the image")?;
+    // Readable by whoever runs QEMU (tempfile creates 0600).
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o644))
+        .context("cannot set the image's permissions")?;
     tmp.persist(out)
         .with_context(|| format!("cannot write {}", out.display()))?;
     Ok(())

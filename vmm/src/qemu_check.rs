@@ -56,7 +56,9 @@ pub fn check_qemu(
             binary: binary.to_string(),
         });
     }
-    Ok(QemuGate::Skip(format!("skipped: {binary} is not on the PATH")))
+    Ok(QemuGate::Skip(format!(
+        "skipped: {binary} is not on the PATH"
+    )))
 }
 
 /// For tests: the QEMU binary if there is one. Prints the skip message and
@@ -120,6 +122,9 @@ mod tests {
             check_qemu("qemu-x", Some(&path), Some("1")),
             Ok(QemuGate::Run(want.clone()))
         );
-        assert_eq!(check_qemu("qemu-x", Some(&path), None), Ok(QemuGate::Run(want)));
+        assert_eq!(
+            check_qemu("qemu-x", Some(&path), None),
+            Ok(QemuGate::Run(want))
+        );
     }
 }

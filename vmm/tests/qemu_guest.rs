@@ -130,9 +130,10 @@ impl Qemu {
         let deadline = Instant::now() + timeout;
         loop {
             let lines = self.lines();
-            if let Some(bad) = lines.iter().find(|l| {
-                matches!(l, SerialLine::Corrupt { .. } | SerialLine::Exception(_))
-            }) {
+            if let Some(bad) = lines
+                .iter()
+                .find(|l| matches!(l, SerialLine::Corrupt { .. } | SerialLine::Exception(_)))
+            {
                 panic!("{}: {bad:?} while waiting for {what}", self.name);
             }
             if let Some(t) = done(&lines) {
@@ -234,7 +235,8 @@ impl Qmp {
         };
         let greeting = q.read();
         assert!(greeting.get("QMP").is_some(), "{greeting}");
-        q.execute("qmp_capabilities", json!({})).expect("qmp_capabilities");
+        q.execute("qmp_capabilities", json!({}))
+            .expect("qmp_capabilities");
         q
     }
 
@@ -265,7 +267,9 @@ impl Qmp {
     fn wait_migrated(&mut self) -> Value {
         let deadline = Instant::now() + MIGRATE_TIMEOUT;
         loop {
-            let info = self.execute("query-migrate", json!({})).expect("query-migrate");
+            let info = self
+                .execute("query-migrate", json!({}))
+                .expect("query-migrate");
             match info["status"].as_str() {
                 Some("completed") => return info,
                 Some("failed" | "cancelled") => panic!("migration ended: {info}"),
@@ -280,14 +284,22 @@ impl Qmp {
 
 /// Runs `src`'s guest into a new QEMU through QEMU's own migration over a
 /// unix socket; returns the target and the source's final stats.
-fn migrate(bin: &Path, dir: &Path, src: &Qemu, image: &Path, mem: &str, append: &str) -> (Qemu, Value) {
+fn migrate(
+    bin: &Path,
+    dir: &Path,
+    src: &Qemu,
+    image: &Path,
+    mem: &str,
+    append: &str,
+) -> (Qemu, Value) {
     let dst = Qemu::incoming(bin, dir, "dst", image, mem, append);
     let uri = format!("unix:{}", dir.join("migration.sock").display());
     let mut dq = dst.qmp();
     dq.execute("migrate-incoming", json!({ "uri": uri }))
         .expect("migrate-incoming");
     let mut sq = src.qmp();
-    sq.execute("migrate", json!({ "uri": uri })).expect("migrate");
+    sq.execute("migrate", json!({ "uri": uri }))
+        .expect("migrate");
     let info = sq.wait_migrated();
     let status = dq.execute("query-status", json!({})).expect("query-status");
     assert_eq!(status["status"], "running", "{status}");
@@ -302,7 +314,11 @@ fn boots_and_reports_progress() {
     // Spinning here; the migration test covers the default (hlt).
     let args = GuestArgs {
         sleep: Sleep::Spin,
-        ..host_args(Wss::Bytes(16 << 20), DirtyRate::MibPerSec(50), DirtyMode::Full)
+        ..host_args(
+            Wss::Bytes(16 << 20),
+            DirtyRate::MibPerSec(50),
+            DirtyMode::Full,
+        )
     };
     let mut q = Qemu::start(&bin, dir.path(), "guest", &image, "256", &args.cmdline());
     let boot = q.wait_boot();
@@ -325,7 +341,11 @@ fn qemu_migration_continues_the_counters() {
     let Some(bin) = qemu() else { return };
     let dir = common::scratch();
     let image = write_image(dir.path());
-    let args = host_args(Wss::Bytes(32 << 20), DirtyRate::MibPerSec(50), DirtyMode::Full);
+    let args = host_args(
+        Wss::Bytes(32 << 20),
+        DirtyRate::MibPerSec(50),
+        DirtyMode::Full,
+    );
     let append = args.cmdline();
     let mut src = Qemu::start(&bin, dir.path(), "src", &image, "256", &append);
     // -cpu host has x2APIC and the TSC-deadline timer: paced waits halt.
@@ -369,7 +389,10 @@ fn four_gib_idle_guest_maps_memory_above_4g() {
     let host = u64::from(multiboot::host_tsc_khz().expect("host TSC rate"));
     assert_eq!(boot.tsc_from, "pit");
     // Loose: a busy host delays the polls; the rate only paces the guest.
-    assert!(boot.tsc_khz.abs_diff(host) < host / 20, "{boot:?}, host {host} kHz");
+    assert!(
+        boot.tsc_khz.abs_diff(host) < host / 20,
+        "{boot:?}, host {host} kHz"
+    );
     // q35 keeps 2 GiB below 4 GiB and puts the other 2 GiB above; that is
     // the largest free piece, so the working set lives there.
     assert!(boot.wss_gpa >= 4 << 30, "{boot:?}");
@@ -389,9 +412,15 @@ fn bad_command_line_is_reported_on_com1() {
     let image = write_image(dir.path());
     let cases = [
         ("wss=12Q", "\"wss=12Q\": expected a size"),
-        ("wss=16M mode=dense", "\"mode=dense\": expected sparse or full"),
+        (
+            "wss=16M mode=dense",
+            "\"mode=dense\": expected sparse or full",
+        ),
         ("wss=16M colour=blue", "\"colour=blue\": unknown key"),
-        ("wss=4097", "\"wss=4097\": the working set must be a whole number"),
+        (
+            "wss=4097",
+            "\"wss=4097\": the working set must be a whole number",
+        ),
         ("dirty_rate=5", "wss= is required"),
         ("wss=1G", "wss=1073741824 does not fit"),
     ];
@@ -406,18 +435,63 @@ fn bad_command_line_is_reported_on_com1() {
         assert!(err.contains(want), "{append:?}: {err:?}");
         let lines = q.lines();
         assert!(
-            !lines.iter().any(|l| matches!(l, SerialLine::Boot(_) | SerialLine::Started)),
+            !lines
+                .iter()
+                .any(|l| matches!(l, SerialLine::Boot(_) | SerialLine::Started)),
             "{append:?} started anyway: {lines:?}"
         );
         if !want.contains("does not fit") {
             let usage = q.wait("the USAGE line", LINE_TIMEOUT, |ls| {
-                ls.iter()
-                    .any(|l| matches!(l, SerialLine::Other(o) if o.starts_with("USAGE wss=")))
-                    .then_some(())
+                ls.iter().find_map(|l| match l {
+                    SerialLine::Other(o) if o.starts_with("USAGE ") => Some(o.clone()),
+                    _ => None,
+                })
             });
-            assert_eq!(usage, ());
+            assert!(usage.contains("wss=SIZE|max [dirty_rate="), "{usage}");
         }
     }
+}
+
+#[test]
+fn an_exception_is_reported_on_com1_and_halts() {
+    let Some(bin) = qemu() else { return };
+    let dir = common::scratch();
+    let image = write_image(dir.path());
+    let append = "wss=16M selftest=exception";
+    let mut q = Qemu::start(&bin, dir.path(), "fault", &image, "256", append);
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    let exc = loop {
+        let lines = q.lines();
+        if let Some(e) = lines.iter().find_map(|l| match l {
+            SerialLine::Exception(e) => Some(e.clone()),
+            _ => None,
+        }) {
+            break e;
+        }
+        assert!(
+            q.child.try_wait().expect("try_wait").is_none(),
+            "qemu exited: {lines:?}"
+        );
+        assert!(Instant::now() < deadline, "no EXCEPTION line: {lines:?}");
+        // Polling another process's output file.
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // #GP from ring 3 (user CS 0x33), caught by the IDT rather than a
+    // triple fault (which would end QEMU: -no-reboot).
+    assert!(exc.starts_with("vector=13 "), "{exc}");
+    assert!(exc.contains(" cs=0x0000000000000033 "), "{exc}");
+    let lines = q.lines();
+    assert!(
+        !lines.iter().any(|l| matches!(l, SerialLine::Boot(_))),
+        "{lines:?}"
+    );
+    // Halted, not reset: QEMU is still there.
+    let status = q
+        .qmp()
+        .execute("query-status", json!({}))
+        .expect("query-status");
+    assert_eq!(status["running"], true, "{status}");
+    assert!(q.child.try_wait().expect("try_wait").is_none());
 }
 
 #[test]
@@ -460,7 +534,10 @@ fn measure() {
         let args = host_args(Wss::Bytes(32 << 20), DirtyRate::Max, mode);
         let mut q = Qemu::start(&bin, dir.path(), "max", &image, "256", &args.cmdline());
         let boot = q.wait_boot();
-        eprintln!("{mode:?}: QEMU start to BOOT line {:?}", q.started.elapsed());
+        eprintln!(
+            "{mode:?}: QEMU start to BOOT line {:?}",
+            q.started.elapsed()
+        );
         // Skip the first lines: the first pass faults every page in.
         let p = q.wait_progress(2, 4);
         eprintln!(
@@ -473,7 +550,11 @@ fn measure() {
             memory: "256M",
             wss: "32M",
             dirty_rate: "max",
-            mode: if mode == DirtyMode::Full { "full" } else { "sparse" },
+            mode: if mode == DirtyMode::Full {
+                "full"
+            } else {
+                "sparse"
+            },
             ..Default::default()
         };
         let v = common::Vmm::run(dir.path(), "ours", &o);
@@ -496,7 +577,11 @@ fn measure() {
     // default bandwidth limit and unlimited.
     for unlimited in [false, true] {
         let d = tempfile::tempdir_in(dir.path()).expect("dir");
-        let args = host_args(Wss::Bytes(256 << 20), DirtyRate::MibPerSec(50), DirtyMode::Full);
+        let args = host_args(
+            Wss::Bytes(256 << 20),
+            DirtyRate::MibPerSec(50),
+            DirtyMode::Full,
+        );
         let append = args.cmdline();
         let mut src = Qemu::start(&bin, d.path(), "src", &image, "1G", &append);
         src.wait_boot();
@@ -505,7 +590,10 @@ fn measure() {
         });
         if unlimited {
             src.qmp()
-                .execute("migrate-set-parameters", json!({ "max-bandwidth": 1u64 << 40 }))
+                .execute(
+                    "migrate-set-parameters",
+                    json!({ "max-bandwidth": 1u64 << 40 }),
+                )
                 .expect("max-bandwidth");
         }
         let (mut dst, info) = migrate(&bin, d.path(), &src, &image, "1G", &append);

@@ -14,39 +14,49 @@
 //!
 //! 1. The loader (QEMU's option ROM after SeaBIOS) copies the file to
 //!    [`layout::LOAD_GPA`] and enters the 32-bit stub with paging off. The
-//!    stub masks the PICs, picks 1 GiB pages (identity map of 512 GiB) or,
-//!    without `pdpe1gb`, the prebuilt 2 MiB tables (first 4 GiB), enables
-//!    PAE + EFER.LME + paging and far-jumps to 64-bit ring 0.
+//!    stub masks the PICs, loads CR3 with prebuilt tables that identity-map
+//!    the first 4 GiB with 2 MiB pages, enables PAE + EFER.LME + paging and
+//!    far-jumps to 64-bit ring 0.
 //! 2. Ring 0 loads TR (a TSS whose I/O bitmap allows COM1, the workload
 //!    ports, PIT channel 2 and port 0x61) and the IDT, then `iretq`s to
-//!    ring 3 with IOPL 3, IF = 0. About 40 ring-0 instructions in all.
+//!    ring 3 with IOPL 3, IF = 0. About 30 ring-0 instructions in all.
 //! 3. The ring-3 boot program parses the command line, settles the TSC
-//!    rate and the sleep method, takes the largest usable piece of mapped
-//!    RAM above the image (Multiboot memory map) for the working set, fills
-//!    the workload's params page and status slot the way
+//!    rate and the sleep method, maps RAM above 4 GiB (page directories it
+//!    writes into free memory after the image, up to the highest usable
+//!    byte of the Multiboot memory map, at most 512 GiB), takes the largest
+//!    usable piece of RAM above that for the working set, fills the
+//!    workload's params page and status slot the way
 //!    [`crate::workload::load`] does, prints the `BOOT` line and jumps into
 //!    the unchanged workload code as vCPU 0.
+//!
+//! Ring 3 reaches ring 0 with `ud2` (eax = call number, rdx = argument),
+//! handled by the #UD vector: on PVM a ring-3 `int n` becomes #UD and a
+//! `syscall` target runs at CPL 3, while exceptions are delivered to ring 0
+//! as on hardware. The calls: sleep until a TSC deadline
+//! ([`guest::SLEEP_CALL`]), [`SYS_HALT`], [`SYS_LAPIC`].
 //!
 //! # Memory map (guest-physical = virtual, all mapped user-writable)
 //!
 //! ```text
 //! 0x100000  header page: Multiboot header; boot variables at 0x100
 //! 0x101000  PML4
-//! 0x102000  PDPT of 1 GiB pages (512 GiB)
-//! 0x103000  PDPT and 0x104000.. four page directories of 2 MiB pages (4 GiB)
-//! 0x108000  GDT (Linux's selectors, as the built-in guest)
-//! 0x109000  TSS with I/O permission bitmap
-//! 0x10a000  IDT: 256 interrupt gates
-//! 0x10b000  workload params page
-//! 0x10c000  workload status slot of vCPU 0
-//! 0x10d000  ring-3 stack;  0x10e000 ring-0 stack;  0x10f000 #DF stack
-//! 0x110000  boot code (this module's `boot`), then the workload code
-//! image end   working set at or above it: the largest usable piece of
-//!             mapped RAM (with -m 4G on q35 that is the RAM above 4 GiB)
+//! 0x102000  PDPT
+//! 0x103000  four page directories of 2 MiB pages (the first 4 GiB)
+//! 0x107000  GDT (Linux's selectors, as the built-in guest)
+//! 0x108000  TSS with I/O permission bitmap
+//! 0x109000  IDT: 256 interrupt gates
+//! 0x10a000  workload params page
+//! 0x10b000  workload status slot of vCPU 0
+//! 0x10c000  ring-3 stack;  0x10d000 ring-0 stack;  0x10e000 #DF stack
+//! 0x10f000  boot code (`boot`), then the workload code on a page boundary
+//! image end page directories for RAM above 4 GiB (one page per GiB)
+//! then      the working set: the largest usable piece of free RAM (with
+//!           -m 4G on q35 that is the 2 GiB above 4 GiB)
 //! ```
 //!
-//! The working set may overwrite the loader's command line and info (they
-//! sit right after the image) once the boot program has read them.
+//! The boot program keeps clear of the loader's info block and memory map
+//! while it reads them; the command line (QEMU puts it right after the
+//! image) may be overwritten once parsed.
 //!
 //! # Command line (`-append`)
 //!
@@ -66,16 +76,19 @@
 //! * `progress_ms=N` (default 1000; 0 = none): `PROGRESS` line interval.
 //! * `sleep=auto|hlt|spin` (default auto = hlt when the vCPU has x2APIC and
 //!   the TSC-deadline timer): how a guest ahead of its pace, or idle, waits.
-//!   `hlt` goes through a ring-0 gate (`int 0x81`) that arms the TSC-deadline
-//!   timer and halts, so an idle or paced guest leaves the host CPU free;
-//!   `spin` polls `rdtsc` with `pause` in ring 3 (100% of a host CPU).
+//!   `hlt` calls ring 0, which arms the x2APIC TSC-deadline timer and halts
+//!   until it fires, so an idle or paced guest leaves the host CPU free
+//!   (a few emulated ring-0 instructions per wait of 1 to 100 ms); `spin`
+//!   polls `rdtsc` with `pause` in ring 3 (100% of a host CPU).
+//! * `selftest=exception`: fault (#GP) in ring 3 right after parsing, to
+//!   test that an exception reaches COM1.
 //!
 //! # COM1 lines
 //!
 //! Parsed by [`parse_line`]; every line is `\n`-terminated.
 //!
 //! ```text
-//! BOOT migrated-multiboot vcpus=1 wss=268435456 wss_gpa=0x0000000000200000 ram=268034048 mapped_top=0x0000008000000000 mode=full dirty_rate=50 seed=7 tsc_khz=2300000 tsc_from=cmdline sleep=hlt progress_ms=1000
+//! BOOT migrated-multiboot vcpus=1 wss=16777216 wss_gpa=0x0000000000113000 ram=267910144 mapped_top=0x0000000100000000 mode=full dirty_rate=50 seed=7 tsc_khz=2300000 tsc_from=cmdline sleep=hlt progress_ms=1000
 //! migrated workload guest: 1 vcpus, started
 //! PROGRESS vcpu=0 passes=12 pages=786432 corrupt=0 tsc=123456789
 //! CORRUPT vcpu=0 gpa=0x0000000000345000 pass=11
@@ -97,7 +110,11 @@
 //!   parked in wait-for-SIPI.
 //! * No devices but COM1 (QEMU's UART is always ready, so no flow control)
 //!   and, when `sleep=hlt`, the local APIC timer.
-//! * RAM above 4 GiB needs 1 GiB pages (`pdpe1gb`, given by `-cpu host`).
+//! * RAM up to 512 GiB (one PML4 entry); the page directories for RAM above
+//!   4 GiB take 4 KiB per GiB of low memory.
+//! * `tsc_khz=` should come from the host: the PIT fallback is only as good
+//!   as the host is idle (it retries until its error bound is under 0.1%,
+//!   at most 8 times).
 //! * The workload ports of our VMM (STARTED, PASS_DONE, CORRUPT, SLEEP) are
 //!   not used (`flags::NO_PORTS`); the host learns everything from COM1.
 
@@ -156,10 +173,15 @@ mod var {
     pub const TSC_FROM: u64 = 0x170;
     pub const PROGRESS_MS: u64 = 0x178;
     pub const SLEEP: u64 = 0x180;
+    pub const SELFTEST: u64 = 0x188;
     /// Pseudo-descriptors for `lgdt`/`lidt` (limit, base).
     pub const GDTR: u64 = 0x1c0;
     pub const IDTR: u64 = 0x1d0;
 }
+
+// The variables follow the header, precede the descriptors, and all fit
+// in the header page.
+const _: () = assert!(var::MAGIC >= 0x20 && var::SELFTEST < var::GDTR && var::IDTR + 10 <= 4096);
 
 /// Vector of the LAPIC timer interrupt that ends a `sleep=hlt` wait.
 pub const TIMER_VECTOR: u8 = 0x20;
@@ -419,7 +441,8 @@ pub struct BootLine {
     pub wss_gpa: u64,
     /// Usable RAM in the loader's memory map.
     pub ram: u64,
-    /// End of the identity map (4 GiB without 1 GiB pages, else 512 GiB).
+    /// End of the identity map: the highest usable RAM rounded up to a
+    /// GiB, at least 4 GiB.
     pub mapped_top: u64,
     pub mode: DirtyMode,
     pub dirty_rate: DirtyRate,
@@ -448,7 +471,11 @@ pub enum SerialLine {
     /// The workload's own banner (`migrated workload guest: ...`).
     Started,
     Progress(Progress),
-    Corrupt { vcpu: u32, gpa: u64, pass: u64 },
+    Corrupt {
+        vcpu: u32,
+        gpa: u64,
+        pass: u64,
+    },
     /// `ERROR ...` (the rest of the line); the guest has halted.
     Error(String),
     /// `EXCEPTION ...` (the rest of the line); the guest has halted.

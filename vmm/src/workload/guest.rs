@@ -38,6 +38,13 @@
 //!   after a pause or migration) or the TSC went backwards, restart the
 //!   window instead of bursting to catch up.
 //!
+//! * Without our VMM (the Multiboot image under QEMU, [`crate::multiboot`]),
+//!   params added after `CODE_LEN` change three things, all off (zero) when
+//!   our loader writes the page: `FLAGS` can drop the port `out`s,
+//!   `SLEEP_HOW` replaces the SLEEP port by a spin on the TSC or a `ud2`
+//!   call into the image's ring-0 code, and `PROGRESS_TSC` prints a
+//!   `PROGRESS` line on COM1 at most that often.
+//!
 //! Long-lived registers: r15 = params, r14 = status slot, r13 = vCPU id,
 //! r12 = pacing window start TSC, rbx = pages in pacing window, rbp = page
 //! index inside the current pass. Subroutines clobber rax, rcx, rdx, rsi,

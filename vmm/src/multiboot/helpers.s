@@ -164,10 +164,11 @@
     ret
 # rax = TSC kHz measured over 50 ms of PIT channel 2 (mode 0, gate on,
 # speaker off), or 0 if its output never rises (no PIT). Both ends are
-# bracketed by rdtsc; a try whose brackets add up to more than 0.1% of
+# bracketed by rdtsc: the count starts between r8 and r10 (before and
+# after the write that starts it), the output rose after the TSC r9 read
+# before the last poll that saw it low and before the TSC read after the
+# poll that saw it high. A try whose brackets add up to more than 0.1% of
 # the interval (the vCPU was preempted) is repeated, up to 8 times.
-# r8/r10 = TSC before/after the count starts, r9 = TSC after the last
-# poll that saw the output low.
 .Lmb_pit_calibrate:
     mov r11d, 8
 .Lmb_pit_try:
@@ -191,20 +192,24 @@
     mov r10, rax
     mov r9, rax
 .Lmb_pit_wait:
-    in al, 0x61
-    mov cl, al
     rdtsc
     shl rdx, 32
     or rax, rdx
-    test cl, 0x20
-    jnz .Lmb_pit_edge
-    mov r9, rax
-    sub rax, r8
+    mov rdi, rax
+    in al, 0x61
+    test al, 0x20
+    jnz .Lmb_pit_high
+    mov r9, rdi
+    sub rdi, r8
     movabs rcx, {PIT_GIVE_UP_TSC}
-    cmp rax, rcx
+    cmp rdi, rcx
     jb .Lmb_pit_wait
     xor eax, eax
     ret
+.Lmb_pit_high:
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
 .Lmb_pit_edge:
     mov rcx, rax
     sub rcx, r9
@@ -336,6 +341,7 @@
 .Lmb_b_tsc_cmdline: .asciz " tsc_from=cmdline"
 .Lmb_b_tsc_cpuid: .asciz " tsc_from=cpuid"
 .Lmb_b_tsc_pit: .asciz " tsc_from=pit"
+.Lmb_b_tsc_kvmclock: .asciz " tsc_from=kvmclock"
 .Lmb_b_sleep_hlt: .asciz " sleep=hlt"
 .Lmb_b_sleep_spin: .asciz " sleep=spin"
 .Lmb_b_progress: .asciz " progress_ms="

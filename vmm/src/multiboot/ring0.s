@@ -174,6 +174,8 @@ migrated_mb_start:
     je .Lmb_sys_sleep
     cmp eax, {SYS_LAPIC}
     je .Lmb_sys_lapic
+    cmp eax, {SYS_KVMCLOCK}
+    je .Lmb_sys_kvmclock
     jmp .Lmb_halt
 .Lmb_ud_real:
     push 0
@@ -197,6 +199,15 @@ migrated_mb_start:
     pop rcx
     iretq
 # x2APIC on, LVT timer in TSC-deadline mode.
+# MSR_KVM_SYSTEM_TIME_NEW = rdx (clock page GPA | 1 = on, 0 = off).
+.Lmb_sys_kvmclock:
+    push rcx
+    mov eax, edx
+    shr rdx, 32
+    mov ecx, 0x4b564d01
+    wrmsr
+    pop rcx
+    iretq
 .Lmb_sys_lapic:
     push rcx
 # xAPIC first: KVM refuses a jump from disabled straight to x2APIC.

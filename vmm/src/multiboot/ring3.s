@@ -205,7 +205,8 @@
     lea rsi, [rip + .Lmb_m_no_wss]
     jmp .Lmb_fatal_usage
 # TSC rate: command line, else the hypervisor's timing leaf
-# (0x40000010, kHz), else measure against PIT channel 2.
+# (0x40000010, kHz), else KVM's clock page, else measure against PIT
+# channel 2.
 .Lmb_tsc:
     cmp qword ptr [{V_TSC_KHZ}], 0
     jne .Lmb_sleep_how
@@ -216,13 +217,69 @@
     mov eax, 0x40000000
     cpuid
     cmp eax, 0x40000010
-    jb .Lmb_tsc_pit
+    jb .Lmb_tsc_kvmclock
     mov eax, 0x40000010
     cpuid
     test eax, eax
-    jz .Lmb_tsc_pit
+    jz .Lmb_tsc_kvmclock
     mov [{V_TSC_KHZ}], rax
     mov qword ptr [{V_TSC_FROM}], 1
+    jmp .Lmb_sleep_how
+# KVM's clock page holds the TSC-to-ns factor it derived from the guest's
+# TSC rate: tsc_khz = (10^6 << 32) / mul, shifted right by shift. Exact,
+# unlike timing the PIT on a busy host. The page is switched off again at
+# once, or KVM would keep rewriting it.
+.Lmb_tsc_kvmclock:
+    mov eax, 0x40000000
+    cpuid
+    cmp ebx, 0x4b4d564b
+    jne .Lmb_tsc_pit
+    cmp eax, 0x40000001
+    jb .Lmb_tsc_pit
+    mov eax, 0x40000001
+    cpuid
+    test eax, 8
+    jz .Lmb_tsc_pit
+    mov eax, {SYS_KVMCLOCK}
+    mov edx, {PVCLOCK} + 1
+    ud2
+    mov ecx, 1 << 24
+.Lmb_pvclock_wait:
+    mov eax, [{PVCLOCK}]
+    test eax, 1
+    jnz .Lmb_pvclock_again
+    mov r8d, [{PVCLOCK} + 24]
+    movsx r9d, byte ptr [{PVCLOCK} + 28]
+    cmp eax, [{PVCLOCK}]
+    jne .Lmb_pvclock_again
+    test r8d, r8d
+    jnz .Lmb_pvclock_read
+.Lmb_pvclock_again:
+    pause
+    dec ecx
+    jnz .Lmb_pvclock_wait
+.Lmb_pvclock_read:
+    mov eax, {SYS_KVMCLOCK}
+    xor edx, edx
+    ud2
+    test r8d, r8d
+    jz .Lmb_tsc_pit
+    movabs rax, {NS_KHZ_SHIFTED}
+    xor edx, edx
+    div r8
+    mov ecx, r9d
+    test ecx, ecx
+    js .Lmb_pvclock_shl
+    shr rax, cl
+    jmp .Lmb_pvclock_khz
+.Lmb_pvclock_shl:
+    neg ecx
+    shl rax, cl
+.Lmb_pvclock_khz:
+    test rax, rax
+    jz .Lmb_tsc_pit
+    mov [{V_TSC_KHZ}], rax
+    mov qword ptr [{V_TSC_FROM}], 3
     jmp .Lmb_sleep_how
 .Lmb_tsc_pit:
     call .Lmb_pit_calibrate
@@ -473,6 +530,9 @@
     lea rsi, [rip + .Lmb_b_tsc_cpuid]
     je .Lmb_b_tsc_from
     lea rsi, [rip + .Lmb_b_tsc_pit]
+    cmp rax, 2
+    je .Lmb_b_tsc_from
+    lea rsi, [rip + .Lmb_b_tsc_kvmclock]
 .Lmb_b_tsc_from:
     call .Lmb_puts
     lea rsi, [rip + .Lmb_b_sleep_hlt]

@@ -190,7 +190,7 @@ const _: () = assert!(
     var::MAGIC >= 0x20
         && var::SELFTEST < var::GDTR
         && var::IDTR + 10 <= var::PVCLOCK
-        && var::PVCLOCK % 32 == 0
+        && var::PVCLOCK.is_multiple_of(32)
         && var::PVCLOCK + 32 <= 4096
 );
 

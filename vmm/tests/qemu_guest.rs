@@ -548,6 +548,19 @@ fn cli_writes_the_image() {
     assert_eq!(st.code(), Some(1));
 }
 
+/// CPU seconds (user + system) process `pid` has used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th of the whole line.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks as f64 / hz
+}
+
 /// Guest pages written per second from two PROGRESS lines.
 fn pages_per_sec(a: &Progress, b: &Progress, tsc_khz: u64) -> f64 {
     (b.pages - a.pages) as f64 / ((b.tsc - a.tsc) as f64 / (tsc_khz as f64 * 1000.0))
@@ -562,17 +575,49 @@ fn measure() {
     let dir = common::scratch();
     let image = write_image(dir.path());
 
+    // Start to BOOT line, per firmware.
+    for (fw, firmware) in [
+        ("SeaBIOS", Vec::new()),
+        ("qboot", multiboot::fast_firmware_args()),
+    ] {
+        let args = host_args(Wss::Bytes(16 << 20), DirtyRate::Idle, DirtyMode::Sparse);
+        let how = How {
+            firmware,
+            incoming: false,
+        };
+        let mut q = Qemu::spawn(&bin, dir.path(), fw, &image, "256", &args.cmdline(), how);
+        q.wait_boot();
+        eprintln!("{fw}: QEMU start to BOOT line {:?}", q.started.elapsed());
+    }
+
+    // Host CPU the QEMU process uses (all its threads) for an idle and a
+    // paced guest, halting or spinning while it waits.
+    for sleep in [Sleep::Hlt, Sleep::Spin] {
+        for rate in [DirtyRate::Idle, DirtyRate::MibPerSec(50)] {
+            let args = GuestArgs {
+                sleep,
+                ..host_args(Wss::Bytes(32 << 20), rate, DirtyMode::Full)
+            };
+            let name = format!("cpu-{sleep:?}-{rate}");
+            let mut q = Qemu::start(&bin, dir.path(), &name, &image, "256", &args.cmdline());
+            q.wait_progress(1, 1);
+            let (c0, t0) = (cpu_secs(q.child.id()), Instant::now());
+            // A measurement window, not a synchronisation.
+            std::thread::sleep(Duration::from_secs(4));
+            let used = cpu_secs(q.child.id()) - c0;
+            eprintln!(
+                "sleep={sleep:?} dirty_rate={rate}: QEMU uses {:.0}% of a host CPU",
+                100.0 * used / t0.elapsed().as_secs_f64()
+            );
+        }
+    }
+
     // Dirty rate at max: QEMU vs our VMM, same working set.
     for mode in [DirtyMode::Sparse, DirtyMode::Full] {
         let args = host_args(Wss::Bytes(32 << 20), DirtyRate::Max, mode);
         let name = format!("max-{mode}");
         let mut q = Qemu::start(&bin, dir.path(), &name, &image, "256", &args.cmdline());
         let boot = q.wait_boot();
-        eprintln!(
-            "{mode:?}: QEMU start to BOOT line {:?} ({:?})",
-            q.started.elapsed(),
-            multiboot::fast_firmware_args()
-        );
         // Skip the first lines: the first pass faults every page in.
         let p = q.wait_progress(2, 4);
         eprintln!(

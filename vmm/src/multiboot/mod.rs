@@ -20,7 +20,7 @@
 //!    far-jumps to 64-bit ring 0.
 //! 2. Ring 0 loads TR (a TSS whose I/O bitmap allows COM1, the workload
 //!    ports, PIT channel 2 and port 0x61) and the IDT, then `iretq`s to
-//!    ring 3 with IOPL 3, IF = 0. About 30 ring-0 instructions in all.
+//!    ring 3 with IOPL 3, IF = 0. About 35 ring-0 instructions in all.
 //! 3. The ring-3 boot program parses the command line, settles the TSC
 //!    rate and the sleep method, maps RAM above 4 GiB (page directories it
 //!    writes into free memory after the image, up to the highest usable
@@ -33,8 +33,25 @@
 //! Ring 3 reaches ring 0 with `ud2` (eax = call number, rdx = argument),
 //! handled by the #UD vector: on PVM a ring-3 `int n` becomes #UD and a
 //! `syscall` target runs at CPL 3, while exceptions are delivered to ring 0
-//! as on hardware. The calls: sleep until a TSC deadline
-//! ([`guest::SLEEP_CALL`]), [`SYS_HALT`], [`SYS_LAPIC`].
+//! as on hardware. The calls: sleep until a TSC deadline (0, made by the
+//! workload itself), [`SYS_HALT`], [`SYS_LAPIC`], [`SYS_KVMCLOCK`].
+//!
+//! # Running it
+//!
+//! ```text
+//! migrate-vmm multiboot-image --out guest.img
+//! qemu-system-x86_64 -accel kvm -machine q35 -cpu host -m 256 \
+//!     -bios /usr/share/qemu/qboot.rom -nodefaults -display none -no-reboot \
+//!     -serial file:guest.log -kernel guest.img \
+//!     -append "wss=64M dirty_rate=50 mode=full seed=7 tsc_khz=2300000" \
+//!     -qmp unix:guest.qmp,server=on,wait=off
+//! ```
+//!
+//! `-bios` is optional ([`fast_firmware_args`]); `-no-reboot` turns a
+//! triple fault into a QEMU exit instead of a reboot loop. A migration
+//! target runs the same command line plus `-incoming defer` (QEMU sends
+//! the image's RAM, and the kernel blob in fw_cfg must match).
+//! `tests/qemu_guest.rs` has a minimal QMP exchange for `migrate`.
 //!
 //! # Memory map (guest-physical = virtual, all mapped user-writable)
 //!
@@ -100,10 +117,14 @@
 //! STRAY vector=N
 //! ```
 //!
-//! `PROGRESS` comes at most every `progress_ms` (checked every 64 pages and
-//! at each pass end; `pages` counts pages written, `tsc` is the guest TSC
-//! when printed). `passes` and `pages` live in guest RAM and continue across
-//! a migration. After an `ERROR` or `EXCEPTION` line the vCPU halts for good.
+//! `PROGRESS` comes at most every `progress_ms`, checked every 64 pages and
+//! at each pass end (an idle guest checks its set every 0.5 s, so no more
+//! often than that); `pages` counts pages written, `tsc` is the guest TSC
+//! when printed, so rates follow from two lines and `tsc_khz`. `passes`,
+//! `pages` and `corrupt` live in guest RAM and continue across a migration.
+//! `CORRUPT` (a page not holding what the guest wrote) is printed for the
+//! first 16 corrupt pages only; `corrupt=` counts them all. After an
+//! `ERROR` or `EXCEPTION` line the vCPU halts for good.
 //!
 //! # Limits
 //!
@@ -116,8 +137,8 @@
 //!   4 GiB take 4 KiB per GiB of low memory.
 //! * Without KVM's clock page or `tsc_khz=`, the PIT fallback is only as
 //!   good as the host is idle: on this nested host, under load, it has been
-//!   off by 5% and once 10x (port 0x61 goes through QEMU), although it
-//!   brackets both ends and retries up to 8 times.
+//!   off by 5% and once 10x (cause not pinned down), although it brackets
+//!   both ends with rdtsc and retries up to 8 times.
 //! * The workload ports of our VMM (STARTED, PASS_DONE, CORRUPT, SLEEP) are
 //!   not used (`flags::NO_PORTS`); the host learns everything from COM1.
 

@@ -6,6 +6,8 @@ pub mod control;
 pub mod handler;
 pub mod kvm_check;
 pub mod machine;
+pub mod multiboot;
+pub mod qemu_check;
 pub mod ratelimit;
 pub mod serial;
 pub mod state;

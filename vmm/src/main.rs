@@ -7,6 +7,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Write};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -38,6 +39,16 @@ enum Command {
     Run(RunArgs),
     /// Resume a saved guest from an inherited memfd; stays paused until Resume.
     Restore(RestoreArgs),
+    /// Write the workload as a Multiboot image for `qemu-system-x86_64
+    /// -kernel` (command line: see the `vmm::multiboot` docs).
+    MultibootImage(MultibootImageArgs),
+}
+
+#[derive(Args, Debug)]
+struct MultibootImageArgs {
+    /// File to write (replaced if it exists).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -171,6 +182,7 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Command::Run(a) => run(a),
         Command::Restore(a) => restore(a),
+        Command::MultibootImage(a) => write_multiboot_image(&a.out),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -213,6 +225,26 @@ fn restore(a: RestoreArgs) -> Result<()> {
         None => VmmHandler::waiting_for_state(a.common.name.clone(), memfd, log),
     };
     serve_until_shutdown(&a.common, handler, a.watch)
+}
+
+/// Writes the image to a temporary file beside `out` and renames it, so a
+/// reader never sees half an image.
+fn write_multiboot_image(out: &Path) -> Result<()> {
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    tmp.write_all(&vmm::multiboot::image())
+        .context("cannot write the image")?;
+    // Readable by whoever runs QEMU (tempfile creates 0600).
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o644))
+        .context("cannot set the image's permissions")?;
+    tmp.persist(out)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(())
 }
 
 /// Takes ownership of an fd inherited from the parent.

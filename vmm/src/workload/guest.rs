@@ -38,6 +38,13 @@
 //!   after a pause or migration) or the TSC went backwards, restart the
 //!   window instead of bursting to catch up.
 //!
+//! * Without our VMM (the Multiboot image under QEMU, [`crate::multiboot`]),
+//!   params added after `CODE_LEN` change three things, all off (zero) when
+//!   our loader writes the page: `FLAGS` can drop the port `out`s,
+//!   `SLEEP_HOW` replaces the SLEEP port by a spin on the TSC or a `ud2`
+//!   call into the image's ring-0 code, and `PROGRESS_TSC` prints a
+//!   `PROGRESS` line on COM1 at most that often.
+//!
 //! Long-lived registers: r15 = params, r14 = status slot, r13 = vCPU id,
 //! r12 = pacing window start TSC, rbx = pages in pacing window, rbp = page
 //! index inside the current pass. Subroutines clobber rax, rcx, rdx, rsi,
@@ -83,9 +90,41 @@ pub mod params {
     pub const TSS_GPA: usize = 0xa8;
     pub const CODE_GPA: usize = 0xb0;
     pub const CODE_LEN: usize = 0xb8;
+    /// Bits of [`super::flags`]. 0 under our own VMM.
+    pub const FLAGS: usize = 0xc0;
+    /// How the guest waits, one of [`super::sleep`]. 0 under our own VMM.
+    pub const SLEEP_HOW: usize = 0xc8;
+    /// Print a `PROGRESS` line on COM1 at most every this many TSC ticks
+    /// (checked every 64 pages and at the end of each pass); 0 = never.
+    pub const PROGRESS_TSC: usize = 0xd0;
     /// Bytes of the params page that carry fields.
-    pub const LEN: usize = 0xc0;
+    pub const LEN: usize = 0xd8;
 }
+
+/// Bits of the `FLAGS` param. The fields after `CODE_LEN` were added for
+/// guests that run without our VMM (the Multiboot image under QEMU): a
+/// params page written before them holds zeros there, which keeps the
+/// original behaviour, so the ABI version did not change.
+pub mod flags {
+    /// No VMM listens on the workload ports: skip the STARTED, PASS_DONE
+    /// and CORRUPT `out`s (each would be a useless exit).
+    pub const NO_PORTS: u64 = 1 << 0;
+}
+
+/// Values of the `SLEEP_HOW` param.
+pub mod sleep {
+    /// `out` to the SLEEP port: the VMM sleeps the vCPU thread.
+    pub const PORT: u64 = 0;
+    /// Spin on `rdtsc` with `pause` until the time is up.
+    pub const SPIN: u64 = 1;
+    /// `ud2` with `eax` = [`super::SLEEP_CALL`] and `rdx` = the TSC
+    /// deadline: the image's #UD handler (ring 0) arms a timer, halts until
+    /// it fires and resumes after the `ud2`.
+    pub const GATE: u64 = 2;
+}
+
+/// Call number (eax at the `ud2`) of the sleep call (see [`sleep::GATE`]).
+pub const SLEEP_CALL: u32 = 0;
 
 /// Status slot field offsets (u64 each). One 64-byte slot (a cache line) per
 /// vCPU, written by the guest; `SLICE_*` are written once by the loader.
@@ -212,7 +251,7 @@ core::arch::global_asm!(
     "    mov edx, r13d",
     "    add edx, {PORT_STARTED}",
     "    mov eax, {STARTED_MAGIC}",
-    "    out dx, eax",
+    "    call .Lwl_port_out",
     // vCPU 0 greets the serial console.
     "    test r13, r13",
     "    jnz .Lwl_after_banner",
@@ -235,8 +274,7 @@ core::arch::global_asm!(
     "    jmp .Lwl_main",
     ".Lwl_idle:",
     "    mov eax, {IDLE_TICK_US}",
-    "    mov edx, {PORT_SLEEP}",
-    "    out dx, eax",
+    "    call .Lwl_sleep",
     "    inc qword ptr [r14 + {S_TICKS}]",
     "    mov rax, [r14 + {S_TICKS}]",
     "    xor edx, edx",
@@ -273,6 +311,9 @@ core::arch::global_asm!(
     "    inc rbp",
     "    inc rbx",
     "    call .Lwl_pace",
+    "    test ebp, 63",
+    "    jnz .Lwl_wp_loop",
+    "    call .Lwl_progress",
     "    jmp .Lwl_wp_loop",
     ".Lwl_wp_done:",
     "    inc qword ptr [r14 + {S_GEN}]",
@@ -280,8 +321,8 @@ core::arch::global_asm!(
     "    mov eax, [r14 + {S_PASSES}]",
     "    mov edx, r13d",
     "    add edx, {PORT_PASS_DONE}",
-    "    out dx, eax",
-    "    ret",
+    "    call .Lwl_port_out",
+    "    jmp .Lwl_progress",
     // ---- idle check pass: read-only unless a page is corrupt ----
     ".Lwl_verify_pass:",
     "    xor ebp, ebp",
@@ -312,8 +353,8 @@ core::arch::global_asm!(
     "    mov eax, [r14 + {S_PASSES}]",
     "    mov edx, r13d",
     "    add edx, {PORT_PASS_DONE}",
-    "    out dx, eax",
-    "    ret",
+    "    call .Lwl_port_out",
+    "    jmp .Lwl_progress",
     // ---- rax = pattern_seed(seed, rdi >> 12, rcx); keeps rdi, rcx ----
     ".Lwl_seed:",
     "    mov rax, rdi",
@@ -379,7 +420,7 @@ core::arch::global_asm!(
     "    shr rax, 12",
     "    mov edx, r13d",
     "    add edx, {PORT_CORRUPT}",
-    "    out dx, eax",
+    "    call .Lwl_port_out",
     "    cmp qword ptr [r14 + {S_CORRUPT}], {SERIAL_CORRUPT_LINES}",
     "    ja .Lwl_rc_done",
     "    push rdi",
@@ -437,15 +478,103 @@ core::arch::global_asm!(
     "    jbe .Lwl_pace_sleep",
     "    mov eax, {MAX_SLEEP_US}",
     ".Lwl_pace_sleep:",
-    "    mov edx, {PORT_SLEEP}",
-    "    out dx, eax",
-    "    jmp .Lwl_pace_check",
+    "    call .Lwl_sleep",
+    "    jmp .Lwl_pace",
     // On time or behind by r10 - rax ticks.
     ".Lwl_pace_behind:",
     "    sub r10, rax",
     "    cmp r10, [r15 + {P_LAG_MAX_TSC}]",
     "    ja .Lwl_pace_reset",
     ".Lwl_pace_ret:",
+    "    ret",
+    // ---- waiting: eax = microseconds; clobbers rax, rcx, rdx, r8 ----
+    ".Lwl_sleep:",
+    "    mov rcx, [r15 + {P_SLEEP_HOW}]",
+    "    cmp rcx, {SLEEP_PORT}",
+    "    jne .Lwl_sleep_local",
+    "    mov edx, {PORT_SLEEP}",
+    "    out dx, eax",
+    "    ret",
+    // No VMM to sleep in: wait for TSC deadline = now + us * tsc_khz / 1000.
+    ".Lwl_sleep_local:",
+    "    mov eax, eax",
+    "    imul rax, [r15 + {P_TSC_KHZ}]",
+    "    xor edx, edx",
+    "    mov r8d, 1000",
+    "    div r8",
+    "    mov r8, rax",
+    "    rdtsc",
+    "    shl rdx, 32",
+    "    or rax, rdx",
+    "    add r8, rax",
+    "    cmp rcx, {SLEEP_GATE}",
+    "    jne .Lwl_sleep_spin",
+    "    mov rdx, r8",
+    "    mov eax, {SLEEP_CALL}",
+    "    ud2",
+    "    ret",
+    ".Lwl_sleep_spin:",
+    "    pause",
+    "    rdtsc",
+    "    shl rdx, 32",
+    "    or rax, rdx",
+    "    cmp rax, r8",
+    "    jb .Lwl_sleep_spin",
+    "    ret",
+    // ---- edx = port, eax = value: out unless no VMM listens ----
+    ".Lwl_port_out:",
+    "    test qword ptr [r15 + {P_FLAGS}], {FLAG_NO_PORTS}",
+    "    jnz .Lwl_port_out_ret",
+    "    out dx, eax",
+    ".Lwl_port_out_ret:",
+    "    ret",
+    // ---- PROGRESS line on COM1 when one is due (PROGRESS_TSC != 0) ----
+    // The next deadline lives in the lowest word of this vCPU's stack page
+    // (the stack never grows that deep), so it is per vCPU, in guest RAM
+    // (survives migration) and needs no slot field.
+    ".Lwl_progress:",
+    "    mov r8, [r15 + {P_PROGRESS_TSC}]",
+    "    test r8, r8",
+    "    jz .Lwl_progress_ret",
+    "    rdtsc",
+    "    shl rdx, 32",
+    "    or rax, rdx",
+    "    mov r9, rsp",
+    "    and r9, -4096",
+    "    lea r11, [rax + r8]",
+    // A deadline more than one interval away means the TSC went back:
+    // re-arm rather than stay silent until it catches up.
+    "    cmp [r9], r11",
+    "    ja .Lwl_progress_arm",
+    "    cmp rax, [r9]",
+    "    jb .Lwl_progress_ret",
+    "    mov [r9], r11",
+    "    push rax",
+    "    lea rsi, [rip + .Lwl_msg_progress]",
+    "    call .Lwl_puts",
+    "    mov rax, r13",
+    "    call .Lwl_putdec",
+    "    lea rsi, [rip + .Lwl_msg_passes]",
+    "    call .Lwl_puts",
+    "    mov rax, [r14 + {S_PASSES}]",
+    "    call .Lwl_putdec",
+    "    lea rsi, [rip + .Lwl_msg_pages]",
+    "    call .Lwl_puts",
+    "    mov rax, [r14 + {S_PAGES_WRITTEN}]",
+    "    call .Lwl_putdec",
+    "    lea rsi, [rip + .Lwl_msg_corrupt_n]",
+    "    call .Lwl_puts",
+    "    mov rax, [r14 + {S_CORRUPT}]",
+    "    call .Lwl_putdec",
+    "    lea rsi, [rip + .Lwl_msg_tsc]",
+    "    call .Lwl_puts",
+    "    pop rax",
+    "    call .Lwl_putdec",
+    "    mov al, 10",
+    "    jmp .Lwl_putc",
+    ".Lwl_progress_arm:",
+    "    mov [r9], r11",
+    ".Lwl_progress_ret:",
     "    ret",
     // ---- serial output (COM1 data register; the VMM's UART is always ready) ----
     ".Lwl_putc:",
@@ -506,6 +635,11 @@ core::arch::global_asm!(
     ".Lwl_msg_corrupt: .asciz \"CORRUPT vcpu=\"",
     ".Lwl_msg_gpa: .asciz \" gpa=\"",
     ".Lwl_msg_pass: .asciz \" pass=\"",
+    ".Lwl_msg_progress: .asciz \"PROGRESS vcpu=\"",
+    ".Lwl_msg_passes: .asciz \" passes=\"",
+    ".Lwl_msg_pages: .asciz \" pages=\"",
+    ".Lwl_msg_corrupt_n: .asciz \" corrupt=\"",
+    ".Lwl_msg_tsc: .asciz \" tsc=\"",
     ".purgem wl_xorshift",
     ".globl migrated_workload_end",
     "migrated_workload_end:",
@@ -533,6 +667,13 @@ core::arch::global_asm!(
     P_AHEAD_MAX_TSC = const params::AHEAD_MAX_TSC,
     P_IDLE_VERIFY_TICKS = const params::IDLE_VERIFY_TICKS,
     P_VCPUS = const params::VCPUS,
+    P_FLAGS = const params::FLAGS,
+    P_SLEEP_HOW = const params::SLEEP_HOW,
+    P_PROGRESS_TSC = const params::PROGRESS_TSC,
+    FLAG_NO_PORTS = const flags::NO_PORTS,
+    SLEEP_GATE = const sleep::GATE,
+    SLEEP_PORT = const sleep::PORT,
+    SLEEP_CALL = const SLEEP_CALL,
     S_PASSES = const slot::PASSES,
     S_PAGES_WRITTEN = const slot::PAGES_WRITTEN,
     S_CORRUPT = const slot::CORRUPT,

@@ -10,6 +10,9 @@
 //! Ring 3 because on nested KVM (PVM) guest ring-0 code is emulated and about
 //! 1000x slower, while ring-3 code runs natively.
 //!
+//! The same code also runs under QEMU, wrapped in a Multiboot image by
+//! [`crate::multiboot`].
+//!
 //! # Guest memory map (identity mapped)
 //!
 //! ```text
@@ -53,8 +56,8 @@
 //! * The SLEEP port must be honoured (interruptibly) or a paced/idle guest
 //!   spins; everything else is informational.
 
-mod guest;
-mod setup;
+pub(crate) mod guest;
+pub(crate) mod setup;
 
 #[cfg(test)]
 mod kvm_tests;

@@ -718,3 +718,75 @@ async fn a_local_disk_moves_by_nbd_mirror_before_the_memory() {
         "target image differs from the source's"
     );
 }
+
+#[tokio::test]
+async fn post_copy_survives_a_pause_and_recovers_on_a_new_socket() {
+    let Some(launcher) =
+        launcher_or_skip("post_copy_survives_a_pause_and_recovers_on_a_new_socket")
+    else {
+        return;
+    };
+    let t = Setup::new();
+    let s = spec("vm1", &t.image("disk.raw", 0), true);
+    let (source, target, uri) = source_and_target(&launcher, &t, &s).await;
+    let caps = [
+        MigrationCapability::Events,
+        MigrationCapability::PostcopyRam,
+    ]
+    .map(|capability| CapabilityState {
+        capability,
+        state: true,
+    });
+    target.qmp.migrate_set_capabilities(&caps).await.unwrap();
+    source.qmp.migrate_set_capabilities(&caps).await.unwrap();
+    // Slow in both phases, so each state lasts until the test moves on.
+    let slow = MigrationParameters {
+        max_bandwidth: Some(4096),
+        max_postcopy_bandwidth: Some(4096),
+        ..MigrationParameters::default()
+    };
+    source.qmp.migrate_set_parameters(&slow).await.unwrap();
+    let mut source_events = source.qmp.subscribe();
+    let mut target_events = target.qmp.subscribe();
+    target.qmp.migrate_incoming(&uri).await.unwrap();
+    source.qmp.migrate(&uri).await.unwrap();
+    wait_migration(&mut source_events, "active").await;
+
+    source.qmp.migrate_start_postcopy().await.unwrap();
+    wait_migration(&mut source_events, "postcopy-active").await;
+    wait_migration(&mut target_events, "postcopy-active").await;
+    // The guest now lives on the target; -S kept it paused.
+    assert_eq!(target.status().await.unwrap().status, RunState::Paused);
+
+    // The channel breaks (as a lost peer would): both sides hold on.
+    source.qmp.migrate_pause().await.unwrap();
+    wait_migration(&mut source_events, "postcopy-paused").await;
+    wait_migration(&mut target_events, "postcopy-paused").await;
+    assert_eq!(
+        source.qmp.query_migrate().await.unwrap().status,
+        MigrationStatus::PostcopyPaused
+    );
+
+    // A new channel: the target listens, the source resumes onto it.
+    let again = unix_uri(&t.vm_dir("dst").socket("recover.sock")).unwrap();
+    target.qmp.migrate_recover(&again).await.unwrap();
+    source.qmp.migrate_resume(&again).await.unwrap();
+    wait_migration(&mut source_events, "postcopy-active").await;
+    source
+        .qmp
+        .migrate_set_parameters(&MigrationParameters {
+            max_postcopy_bandwidth: Some(0),
+            ..MigrationParameters::default()
+        })
+        .await
+        .unwrap();
+    wait_migration(&mut source_events, "completed").await;
+    wait_migration(&mut target_events, "completed").await;
+    let info = source.qmp.query_migrate().await.unwrap();
+    assert_eq!(info.status, MigrationStatus::Completed);
+    assert_eq!(info.ram.map(|r| r.remaining), Some(0));
+    assert_eq!(source.status().await.unwrap().status, RunState::PostMigrate);
+
+    within(launcher.stop(&target)).await.unwrap();
+    within(launcher.stop(&source)).await.unwrap();
+}

@@ -55,6 +55,9 @@ qapi_enum! {
         PostMigrate = "postmigrate",
         /// Started with `-S` and never run.
         Prelaunch = "prelaunch",
+        /// The source stopping for the switchover; still reported for a
+        /// moment after the `completed` event, until QEMU's main loop
+        /// moves it to postmigrate.
         FinishMigrate = "finish-migrate",
         RestoreVm = "restore-vm",
         Running = "running",

@@ -5,6 +5,8 @@
 //! `MIGRATED_REQUIRE_KVM=1` make that a failure.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
@@ -557,7 +559,17 @@ async fn a_paused_guest_migrates_over_a_unix_socket() {
     assert!(ram.dirty_sync_count >= 1, "{ram:?}");
     assert_eq!(ram.page_size, 4096);
 
-    assert_eq!(source.status().await.unwrap().status, RunState::PostMigrate);
+    // QEMU announces `completed` from its migration thread and switches the
+    // run state to postmigrate a moment later on its main loop.
+    let after = source.status().await.unwrap();
+    assert!(
+        !after.running
+            && matches!(
+                after.status,
+                RunState::PostMigrate | RunState::FinishMigrate
+            ),
+        "{after:?}"
+    );
     assert_eq!(
         target.qmp.query_migrate().await.unwrap().status,
         MigrationStatus::Completed
@@ -755,8 +767,13 @@ async fn post_copy_survives_a_pause_and_recovers_on_a_new_socket() {
     source.qmp.migrate_start_postcopy().await.unwrap();
     wait_migration(&mut source_events, "postcopy-active").await;
     wait_migration(&mut target_events, "postcopy-active").await;
-    // The guest now lives on the target; -S kept it paused.
-    assert_eq!(target.status().await.unwrap().status, RunState::Paused);
+    // The guest now lives on the target, and -S keeps it from running.
+    // (QEMU reports postcopy-active a moment before it leaves inmigrate.)
+    let moved = target.status().await.unwrap();
+    assert!(
+        !moved.running && matches!(moved.status, RunState::Paused | RunState::InMigrate),
+        "{moved:?}"
+    );
 
     // The channel breaks (as a lost peer would): both sides hold on.
     source.qmp.migrate_pause().await.unwrap();
@@ -785,8 +802,126 @@ async fn post_copy_survives_a_pause_and_recovers_on_a_new_socket() {
     let info = source.qmp.query_migrate().await.unwrap();
     assert_eq!(info.status, MigrationStatus::Completed);
     assert_eq!(info.ram.map(|r| r.remaining), Some(0));
-    assert_eq!(source.status().await.unwrap().status, RunState::PostMigrate);
+    let after = source.status().await.unwrap();
+    assert!(
+        !after.running
+            && matches!(
+                after.status,
+                RunState::PostMigrate | RunState::FinishMigrate
+            ),
+        "{after:?}"
+    );
 
+    within(launcher.stop(&target)).await.unwrap();
+    within(launcher.stop(&source)).await.unwrap();
+}
+
+/// Stands where the daemons will: accepts each connection the source QEMU
+/// opens on `listen` and carries it to the target QEMU's `target` socket.
+/// Returns the number of connections seen so far.
+fn proxy(listen: &Path, target: PathBuf) -> Arc<AtomicUsize> {
+    let listener = tokio::net::UnixListener::bind(listen).unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((mut from, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let target = target.clone();
+            tokio::spawn(async move {
+                let mut to = tokio::net::UnixStream::connect(&target).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut from, &mut to).await;
+            });
+        }
+    });
+    seen
+}
+
+#[tokio::test]
+async fn every_migration_channel_is_its_own_connection() {
+    let Some(launcher) = launcher_or_skip("every_migration_channel_is_its_own_connection") else {
+        return;
+    };
+    let t = Setup::new();
+    let s = spec("vm1", &t.image("disk.raw", 0), true);
+
+    // Multifd: the main channel plus one per multifd channel.
+    let (source, target, target_uri) = source_and_target(&launcher, &t, &s).await;
+    let caps = [MigrationCapability::Events, MigrationCapability::Multifd].map(|capability| {
+        CapabilityState {
+            capability,
+            state: true,
+        }
+    });
+    let params = MigrationParameters {
+        multifd_channels: Some(3),
+        ..MigrationParameters::default()
+    };
+    for side in [&source, &target] {
+        side.qmp.migrate_set_capabilities(&caps).await.unwrap();
+        side.qmp.migrate_set_parameters(&params).await.unwrap();
+    }
+    let mut events = source.qmp.subscribe();
+    target.qmp.migrate_incoming(&target_uri).await.unwrap();
+    let relay = t.vm_dir("src").socket("relay.sock");
+    let target_socket = PathBuf::from(target_uri.strip_prefix("unix:").unwrap());
+    let seen = proxy(&relay, target_socket);
+    source
+        .qmp
+        .migrate(&unix_uri(&relay).unwrap())
+        .await
+        .unwrap();
+    wait_migration(&mut events, "completed").await;
+    let info = source.qmp.query_migrate().await.unwrap();
+    assert!(info.ram.unwrap().multifd_bytes > 0);
+    assert_eq!(seen.load(Ordering::SeqCst), 1 + 3, "main + 3 multifd");
+    within(launcher.stop(&target)).await.unwrap();
+    within(launcher.stop(&source)).await.unwrap();
+}
+
+#[tokio::test]
+async fn post_copy_preempt_adds_one_connection() {
+    let Some(launcher) = launcher_or_skip("post_copy_preempt_adds_one_connection") else {
+        return;
+    };
+    let t = Setup::new();
+    let s = spec("vm1", &t.image("disk.raw", 0), true);
+    let (source, target, target_uri) = source_and_target(&launcher, &t, &s).await;
+    let caps = [
+        MigrationCapability::Events,
+        MigrationCapability::PostcopyRam,
+        MigrationCapability::PostcopyPreempt,
+    ]
+    .map(|capability| CapabilityState {
+        capability,
+        state: true,
+    });
+    for side in [&source, &target] {
+        side.qmp.migrate_set_capabilities(&caps).await.unwrap();
+    }
+    source
+        .qmp
+        .migrate_set_parameters(&MigrationParameters {
+            max_bandwidth: Some(4096),
+            ..MigrationParameters::default()
+        })
+        .await
+        .unwrap();
+    let mut events = source.qmp.subscribe();
+    target.qmp.migrate_incoming(&target_uri).await.unwrap();
+    let relay = t.vm_dir("src").socket("relay.sock");
+    let seen = proxy(
+        &relay,
+        PathBuf::from(target_uri.strip_prefix("unix:").unwrap()),
+    );
+    source
+        .qmp
+        .migrate(&unix_uri(&relay).unwrap())
+        .await
+        .unwrap();
+    wait_migration(&mut events, "active").await;
+    source.qmp.migrate_start_postcopy().await.unwrap();
+    wait_migration(&mut events, "completed").await;
+    assert_eq!(seen.load(Ordering::SeqCst), 2, "main + preempt");
     within(launcher.stop(&target)).await.unwrap();
     within(launcher.stop(&source)).await.unwrap();
 }

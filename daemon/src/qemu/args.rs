@@ -285,7 +285,7 @@ fn check_access(
 }
 
 /// A path as a value in QEMU's `key=value,...` syntax: commas doubled.
-fn opts_path(path: &Path) -> OsString {
+pub(crate) fn opts_path(path: &Path) -> OsString {
     let mut out = Vec::with_capacity(path.as_os_str().len());
     for &b in path.as_os_str().as_bytes() {
         out.push(b);

@@ -490,16 +490,10 @@ impl QmpClient {
     /// (`query-cpu-definitions`' `unavailable-features`; `host` and `max`
     /// are runnable by construction).
     pub async fn cpu_model_support(&self, name: &str) -> Result<CpuModelSupport, QmpError> {
-        let defs = self.query_cpu_definitions().await?;
-        Ok(match defs.into_iter().find(|d| d.name == name) {
-            None => CpuModelSupport::Unknown,
-            Some(d) => match d.unavailable_features {
-                Some(features) if !features.is_empty() => CpuModelSupport::Unavailable {
-                    features: dedup(features),
-                },
-                _ => CpuModelSupport::Runnable,
-            },
-        })
+        Ok(support_from_definitions(
+            &self.query_cpu_definitions().await?,
+            name,
+        ))
     }
 
     pub async fn query_machines(&self) -> Result<Vec<MachineInfo>, QmpError> {
@@ -511,11 +505,7 @@ impl QmpClient {
     /// migration must run the same versioned type.
     pub async fn resolve_machine(&self, name: &str) -> Result<Option<String>, QmpError> {
         let machines = self.query_machines().await?;
-        Ok(machines
-            .iter()
-            .find(|m| m.alias.as_deref() == Some(name))
-            .or_else(|| machines.iter().find(|m| m.name == name))
-            .map(|m| m.name.clone()))
+        Ok(resolve_machine_in(&machines, name).map(str::to_owned))
     }
 
     /// Starts QEMU's NBD server on a unix socket (destination of a
@@ -591,6 +581,28 @@ impl QmpClient {
         self.run("block-job-cancel", json!({ "device": job_id }))
             .await
     }
+}
+
+/// Model `name`'s support as `query-cpu-definitions` reports it.
+pub(crate) fn support_from_definitions(defs: &[CpuDefinition], name: &str) -> CpuModelSupport {
+    match defs.iter().find(|d| d.name == name) {
+        None => CpuModelSupport::Unknown,
+        Some(d) => match &d.unavailable_features {
+            Some(features) if !features.is_empty() => CpuModelSupport::Unavailable {
+                features: dedup(features.clone()),
+            },
+            _ => CpuModelSupport::Runnable,
+        },
+    }
+}
+
+/// The versioned machine type `name` is an alias of, or `name` itself.
+pub(crate) fn resolve_machine_in<'a>(machines: &'a [MachineInfo], name: &str) -> Option<&'a str> {
+    machines
+        .iter()
+        .find(|m| m.alias.as_deref() == Some(name))
+        .or_else(|| machines.iter().find(|m| m.name == name))
+        .map(|m| m.name.as_str())
 }
 
 /// QEMU lists some features twice (`pku` appears under two CPUID leaves).

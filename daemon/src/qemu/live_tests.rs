@@ -925,3 +925,35 @@ async fn post_copy_preempt_adds_one_connection() {
     within(launcher.stop(&target)).await.unwrap();
     within(launcher.stop(&source)).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_guestless_qemu_describes_the_host() {
+    let Some(launcher) = launcher_or_skip("a_guestless_qemu_describes_the_host") else {
+        return;
+    };
+    let t = Setup::new();
+    let paths = t.vm_dir("probe");
+    let probe = within(launcher.probe_host(&paths)).await.unwrap();
+    eprintln!(
+        "probe: qemu {:?}, {} machine types, {} cpu models, host cpu {} with {} features",
+        probe.version,
+        probe.machines.len(),
+        probe.cpu_models.len(),
+        probe.host_cpu.name,
+        probe.host_cpu.enabled_features().count()
+    );
+    assert!(probe.has_capability(&MigrationCapability::PostcopyRam));
+    assert!(probe
+        .resolve_machine("q35")
+        .is_some_and(|m| m.starts_with("pc-q35-")));
+    assert_eq!(probe.cpu_model_support("host"), CpuModelSupport::Runnable);
+    assert_eq!(
+        probe.cpu_model_support("NoSuchModel"),
+        CpuModelSupport::Unknown
+    );
+    // A static expansion is comparable, and the host lacks nothing of itself.
+    assert_ne!(probe.host_cpu.name, "host");
+    assert!(probe.missing_host_features(&probe.host_cpu).is_empty());
+    // The probe QEMU is gone afterwards.
+    assert_eq!(pidfile_owner(&paths.pidfile).unwrap(), None);
+}

@@ -162,6 +162,19 @@ impl QemuLauncher {
         mode: LaunchMode,
     ) -> Result<QemuProcess, LaunchError> {
         let args = qemu_command(spec, paths, mode, &self.tools).map_err(LaunchError::Command)?;
+        info!(vm = %spec.name, ?mode, "starting qemu");
+        let qemu = self.spawn_daemonized(&args, paths).await?;
+        info!(vm = %spec.name, pid = qemu.pid, "qemu running");
+        Ok(qemu)
+    }
+
+    /// Runs QEMU with `args` (which must daemonize it with `paths`' pidfile
+    /// and QMP socket) and connects to it once it is set up.
+    pub(crate) async fn spawn_daemonized(
+        &self,
+        args: &[std::ffi::OsString],
+        paths: &QemuPaths,
+    ) -> Result<QemuProcess, LaunchError> {
         let state_err = |source| LaunchError::StateFiles {
             dir: paths.dir.clone(),
             source,
@@ -186,7 +199,7 @@ impl QemuLauncher {
             .map_err(state_err)?;
         let log_for_stdout = log.try_clone().map_err(state_err)?;
         let mut setup = tokio::process::Command::new(&self.binary)
-            .args(&args)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(log_for_stdout)
             .stderr(log)
@@ -198,7 +211,6 @@ impl QemuLauncher {
                 binary: self.binary.clone(),
                 source,
             })?;
-        info!(vm = %spec.name, ?mode, "starting qemu");
         let status = match tokio::time::timeout(self.setup_timeout, setup.wait()).await {
             Ok(status) => status.map_err(state_err)?,
             Err(_) => {
@@ -233,7 +245,6 @@ impl QemuLauncher {
                 return Err(LaunchError::Qmp(e));
             }
         };
-        info!(vm = %spec.name, pid, "qemu running");
         Ok(QemuProcess {
             pid,
             pidfd: Arc::new(pidfd),

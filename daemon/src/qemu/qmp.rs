@@ -90,6 +90,8 @@ pub enum QmpError {
     },
     #[error("no qmp greeting within {after:?} (is another client connected?)")]
     GreetingTimeout { after: Duration },
+    #[error("qmp connection lost before the greeting")]
+    GreetingLost(#[source] ConnectionLost),
     #[error("malformed qmp greeting")]
     Greeting(#[source] serde_json::Error),
     #[error("qmp connection lost before {command} was answered")]
@@ -307,10 +309,7 @@ impl QmpClient {
         .map_err(|_| QmpError::GreetingTimeout {
             after: options.greeting_timeout,
         })?
-        .map_err(|cause| QmpError::Disconnected {
-            command: "the greeting".into(),
-            cause: Arc::new(cause),
-        })?;
+        .map_err(QmpError::GreetingLost)?;
         let raw: RawGreeting = serde_json::from_value(greeting).map_err(QmpError::Greeting)?;
         let greeting = QmpGreeting {
             version: raw.qmp.version.qemu,

@@ -16,6 +16,7 @@ pub mod model;
 pub mod outgoing;
 pub mod peers;
 pub mod precopy;
+pub mod qemu;
 pub mod quantity;
 pub mod service;
 pub mod store;

@@ -60,7 +60,7 @@ impl EtcdServer {
             if std::env::var("MIGRATED_REQUIRE_ETCD").as_deref() == Ok("1") {
                 panic!("MIGRATED_REQUIRE_ETCD=1 but no etcd binary (install etcd-server or set MIGRATED_ETCD)");
             }
-            eprintln!("skipping: etcd is not installed (apt-get install etcd-server)");
+            eprintln!("SKIPPED: etcd is not installed (apt-get install etcd-server)");
             return None;
         };
         let dir = std::env::temp_dir().join(format!(
@@ -156,7 +156,7 @@ impl EtcdServer {
                 if let Some(f) = out.as_mut() {
                     let _ = writeln!(f, "{line}");
                 }
-                if line.contains("ready to serve client requests") {
+                if line.contains("serving client traffic") {
                     if let Some(tx) = ready_tx.take() {
                         let _ = tx.send(true);
                     }

@@ -21,7 +21,7 @@ async fn limit_two_five_acquirers_fifo() {
             outbound_per_host: 5,
         },
     );
-    cluster_common::fifo_and_bounded(&[s.clone()], 2, 5, "local").await;
+    cluster_common::fifo_and_bounded(std::slice::from_ref(&s), 2, 5, "local").await;
     assert_eq!(s.slots_held(), 0);
 }
 

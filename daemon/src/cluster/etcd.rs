@@ -36,7 +36,6 @@
 //! while the cluster can run more than N migrations: correctness of the
 //! migrations does not depend on the limit, only load does.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -55,6 +54,10 @@ use super::{
 };
 
 pub(crate) mod gateway;
+mod mirror;
+mod wire;
+
+use mirror::{load, mirror_loop, Kind};
 
 use gateway::{
     prefix_end, Compare, DeleteRangeRequest, EventType, Gateway, GatewayError, PutRequest,
@@ -453,169 +456,6 @@ async fn release_loop(inner: Arc<Inner>) {
     }
 }
 
-/// The two prefixes mirrored into a local cache by a watch.
-#[derive(Clone, Copy, Debug)]
-enum Kind {
-    Policies,
-    Cordons,
-}
-
-impl Kind {
-    fn sub(self) -> &'static str {
-        match self {
-            Kind::Policies => "policies",
-            Kind::Cordons => "cordon",
-        }
-    }
-
-    fn seen(self, inner: &Inner) -> &watch::Sender<i64> {
-        match self {
-            Kind::Policies => &inner.policies_rev,
-            Kind::Cordons => &inner.cordons_rev,
-        }
-    }
-
-    fn publish(self, inner: &Inner, raw: &BTreeMap<String, Vec<u8>>) {
-        match self {
-            Kind::Policies => {
-                let mut set = BTreeMap::new();
-                for (name, value) in raw {
-                    let p = serde_json::from_slice::<MigrationPolicy>(value)
-                        .map_err(|e| e.to_string())
-                        .and_then(|p| p.validate().map(|()| p).map_err(|e| e.to_string()));
-                    match p {
-                        Ok(p) if p.name == *name => {
-                            set.insert(name.clone(), p);
-                        }
-                        Ok(_) => warn!(%name, "policy key and name differ; ignored"),
-                        Err(error) => warn!(%name, %error, "stored policy ignored"),
-                    }
-                }
-                inner
-                    .policies
-                    .send_if_modified(|cur| replace_if_new(cur, set));
-            }
-            Kind::Cordons => {
-                let set: BTreeSet<String> = raw.keys().cloned().collect();
-                inner
-                    .cordons
-                    .send_if_modified(|cur| replace_if_new(cur, set));
-            }
-        }
-    }
-}
-
-fn replace_if_new<T: PartialEq>(cur: &mut Arc<T>, new: T) -> bool {
-    if **cur == new {
-        return false;
-    }
-    *cur = Arc::new(new);
-    true
-}
-
-/// A full read of a mirrored prefix; returns the revision to watch from
-/// and the raw map.
-async fn load(inner: &Inner, kind: Kind) -> Result<(i64, BTreeMap<String, Vec<u8>>), ClusterError> {
-    let (key, range_end) = inner.range_of(kind.sub());
-    let r = inner
-        .range(&RangeRequest {
-            key: key.clone(),
-            range_end,
-            ..Default::default()
-        })
-        .await?;
-    let raw: BTreeMap<String, Vec<u8>> = r
-        .kvs
-        .into_iter()
-        .filter_map(|kv| {
-            let name = String::from_utf8(kv.key.get(key.len()..)?.to_vec()).ok()?;
-            Some((name, kv.value))
-        })
-        .collect();
-    kind.publish(inner, &raw);
-    kind.seen(inner).send_replace(r.header.revision);
-    Ok((r.header.revision + 1, raw))
-}
-
-/// Keeps a mirrored prefix's cache current: load, then watch from the
-/// next revision; on a broken stream resume from the last applied
-/// revision; reload only if etcd compacted past it.
-async fn mirror_loop(
-    inner: Arc<Inner>,
-    kind: Kind,
-    start: Option<(i64, BTreeMap<String, Vec<u8>>)>,
-) {
-    let (key, range_end) = inner.range_of(kind.sub());
-    let (mut next, mut raw) = start.unwrap_or_default();
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        if next == 0 {
-            match load(&inner, kind).await {
-                Ok(loaded) => (next, raw) = loaded,
-                Err(_) => {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                    continue;
-                }
-            }
-        }
-        let req = WatchCreateRequest {
-            key: key.clone(),
-            range_end: range_end.clone(),
-            start_revision: next,
-        };
-        match inner.gw.watch(&req).await {
-            Ok(mut stream) => loop {
-                match stream.next().await {
-                    Ok(Some(resp)) if resp.canceled => {
-                        if resp.compact_revision > 0 {
-                            info!(
-                                kind = kind.sub(),
-                                "etcd compacted past our watch; reloading"
-                            );
-                            next = 0;
-                        }
-                        break;
-                    }
-                    Ok(Some(resp)) => {
-                        backoff = Duration::from_millis(100);
-                        if resp.events.is_empty() {
-                            continue;
-                        }
-                        for ev in resp.events {
-                            let Some(name) = ev
-                                .kv
-                                .key
-                                .get(key.len()..)
-                                .and_then(|n| String::from_utf8(n.to_vec()).ok())
-                            else {
-                                continue;
-                            };
-                            match ev.kind {
-                                EventType::Put => raw.insert(name, ev.kv.value),
-                                EventType::Delete => raw.remove(&name),
-                            };
-                            next = next.max(ev.kv.mod_revision + 1);
-                        }
-                        kind.publish(&inner, &raw);
-                        kind.seen(&inner).send_replace(next - 1);
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        debug!(kind = kind.sub(), error = %crate::error_chain(&e), "watch broken; resuming");
-                        break;
-                    }
-                }
-            },
-            Err(e) => {
-                let _ = inner.fail("watch", e);
-            }
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-    }
-}
-
 fn queue_range(inner: &Inner, keys_only: bool) -> RangeRequest {
     let (key, range_end) = inner.range_of("queue");
     RangeRequest {
@@ -635,6 +475,10 @@ pub(crate) struct QueueKey {
     inner: Arc<Inner>,
     key: Vec<u8>,
     armed: bool,
+    /// Queue keys ahead of this one at revision `checked_at` (from the
+    /// enqueue txn), so an uncontended grant needs no second round trip.
+    ahead: usize,
+    checked_at: i64,
 }
 
 impl QueueKey {
@@ -659,24 +503,29 @@ impl Drop for QueueKey {
     }
 }
 
+/// Position of `key` in a queue listing sorted by create revision.
+fn position(kvs: &[gateway::KeyValue], key: &[u8]) -> Option<usize> {
+    kvs.iter().position(|kv| kv.key == key)
+}
+
 /// Waits until `key` is among the first N queue keys by create revision.
+/// Starts from the enqueue txn's view; after that re-checks (one range)
+/// on every deletion the watch reports.
 pub(crate) async fn wait_for_slot(key: QueueKey, uid: &str) -> Result<QueueKey, ClusterError> {
     let inner = key.inner.clone();
     let n = inner.limits.cluster.max(1) as usize;
+    if key.ahead < n {
+        return Ok(key);
+    }
+    let mut checked_at = key.checked_at;
     let mut stream: Option<WatchStream> = None;
     loop {
-        let r = inner.range(&queue_range(&inner, true)).await?;
-        match r.kvs.iter().position(|kv| kv.key == key.key) {
-            None => return Err(ClusterError::LeaseLost { uid: uid.into() }),
-            Some(i) if i < n => return Ok(key),
-            Some(_) => {}
-        }
         if stream.is_none() {
             let (k, range_end) = inner.range_of("queue");
             let req = WatchCreateRequest {
                 key: k,
                 range_end,
-                start_revision: r.header.revision + 1,
+                start_revision: checked_at + 1,
             };
             stream = Some(
                 inner
@@ -687,8 +536,8 @@ pub(crate) async fn wait_for_slot(key: QueueKey, uid: &str) -> Result<QueueKey, 
             );
         }
         let s = stream.as_mut().expect("just opened");
-        // Re-check on the next deletion; a closed stream is re-opened
-        // after the re-check (whose range fails fast if etcd is gone).
+        // Wait for a deletion; a closed stream is re-opened after the
+        // re-check (whose range fails fast if etcd is gone).
         loop {
             match s.next().await {
                 Ok(Some(resp)) if resp.canceled => {
@@ -706,6 +555,13 @@ pub(crate) async fn wait_for_slot(key: QueueKey, uid: &str) -> Result<QueueKey, 
                 }
                 Err(e) => return Err(inner.fail("watch", e)),
             }
+        }
+        let r = inner.range(&queue_range(&inner, true)).await?;
+        checked_at = r.header.revision;
+        match position(&r.kvs, &key.key) {
+            None => return Err(ClusterError::LeaseLost { uid: uid.into() }),
+            Some(i) if i < n => return Ok(key),
+            Some(_) => {}
         }
     }
 }
@@ -808,6 +664,11 @@ impl ClusterStore for EtcdStore {
         // The outbound wait can be long; etcd may have gone meanwhile.
         inner.check_up()?;
         let lease = *lock(&inner.lease);
+        if lease == 0 {
+            // Between an expiry and the re-grant: a key without a lease
+            // would never free itself.
+            return Err(ClusterError::LeaseLost { uid: req.uid });
+        }
         let key = inner.key("queue", &req.uid);
         let entry = QueueEntry {
             uid: req.uid.clone(),
@@ -822,14 +683,20 @@ impl ClusterStore for EtcdStore {
             inner: inner.clone(),
             key: key.clone(),
             armed: true,
+            ahead: usize::MAX,
+            checked_at: 0,
         };
+        // One round trip: join the queue and read it, atomically.
         let txn = TxnRequest {
             compare: vec![Compare::absent(&key)],
-            success: vec![RequestOp::RequestPut(PutRequest {
-                key,
-                value: serde_json::to_vec(&entry).expect("queue entries serialize"),
-                lease,
-            })],
+            success: vec![
+                RequestOp::RequestPut(PutRequest {
+                    key: key.clone(),
+                    value: serde_json::to_vec(&entry).expect("queue entries serialize"),
+                    lease,
+                }),
+                RequestOp::RequestRange(queue_range(inner, true)),
+            ],
             failure: vec![],
         };
         let r = inner.gw.txn(&txn).await.map_err(|e| inner.fail("txn", e))?;
@@ -837,13 +704,17 @@ impl ClusterStore for EtcdStore {
             place.armed = false;
             return Err(ClusterError::AlreadyQueued { uid: req.uid });
         }
-        let my_rev = r.header.revision;
-        let q = inner.range(&queue_range(inner, true)).await?;
-        let ahead = q
-            .kvs
+        let queue = r
+            .responses
             .iter()
-            .filter(|kv| kv.create_revision < my_rev)
-            .count();
+            .find_map(|op| op.response_range.as_ref())
+            .map(|q| q.kvs.as_slice())
+            .unwrap_or_default();
+        let ahead = position(queue, &key).ok_or(ClusterError::LeaseLost {
+            uid: req.uid.clone(),
+        })?;
+        place.ahead = ahead;
+        place.checked_at = r.header.revision;
         Ok(Ticket {
             uid: req.uid,
             ahead,

@@ -210,12 +210,21 @@ async fn etcd_loss_and_recovery() {
     let Some(mut etcd) = EtcdServer::start_or_skip(None) else {
         return;
     };
-    let mut opts = EtcdOptions::new("host-a", limits(2));
+    let mut opts = EtcdOptions::new("host-a", limits(1));
     opts.request_timeout = Duration::from_secs(2);
     let a = store_with(&etcd, opts).await;
     let running = a.acquire(req("running")).await.unwrap();
+    let waiter = a.enqueue(req("waiting")).await.unwrap();
+    let waiting = tokio::spawn(waiter.granted());
 
     etcd.kill();
+    // A waiter fails instead of waiting on a dead etcd.
+    let e = tokio::time::timeout(STUCK, waiting)
+        .await
+        .expect("the waiter noticed etcd's loss")
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(e, ClusterError::Unavailable { .. }), "{e}");
     let e = a.acquire(req("new")).await.unwrap_err();
     let chain = migrated::error_chain(&e);
     assert!(matches!(e, ClusterError::Unavailable { .. }), "{chain}");

@@ -519,6 +519,9 @@ pub(crate) async fn wait_for_slot(key: QueueKey, uid: &str) -> Result<QueueKey, 
     }
     let mut checked_at = key.checked_at;
     let mut stream: Option<WatchStream> = None;
+    // A half-open connection would never end the watch: give up when the
+    // keepalive task finds etcd unreachable.
+    let mut health = inner.health.subscribe();
     loop {
         if stream.is_none() {
             let (k, range_end) = inner.range_of("queue");
@@ -539,7 +542,14 @@ pub(crate) async fn wait_for_slot(key: QueueKey, uid: &str) -> Result<QueueKey, 
         // Wait for a deletion; a closed stream is re-opened after the
         // re-check (whose range fails fast if etcd is gone).
         loop {
-            match s.next().await {
+            let msg = tokio::select! {
+                msg = s.next() => msg,
+                _ = health.wait_for(|h| !h.is_ok()) => {
+                    inner.check_up()?;
+                    continue;
+                }
+            };
+            match msg {
                 Ok(Some(resp)) if resp.canceled => {
                     stream = None;
                     break;

@@ -169,10 +169,20 @@ impl EtcdServer {
         self.child = Some(child);
         match ready_rx.recv_timeout(READY_TIMEOUT) {
             Ok(true) => {}
-            other => panic!(
-                "etcd did not become ready ({other:?}); log: {}",
-                self.log_path().display()
-            ),
+            other => {
+                let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "etcd did not become ready ({}); its log ends:\n{}",
+                    if other == Ok(false) {
+                        "it exited"
+                    } else {
+                        "timed out"
+                    },
+                    tail.join("\n")
+                )
+            }
         }
     }
 

@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 use super::gateway::{EventType, RangeRequest};
 use super::wire::WatchCreateRequest;
 use super::Inner;
-use crate::cluster::{ClusterError, MigrationPolicy};
+use crate::cluster::{ClusterError, Health, MigrationPolicy};
 
 /// The two prefixes mirrored into a local cache by a watch.
 #[derive(Clone, Copy, Debug)]
@@ -103,7 +103,10 @@ pub(super) async fn load(
 
 /// Keeps a mirrored prefix's cache current: load, then watch from the
 /// next revision; on a broken stream resume from the last applied
-/// revision; reload only if etcd compacted past it.
+/// revision; reload only if etcd compacted past it. While etcd is
+/// unreachable (as the keepalive task sees it) the watch is dropped,
+/// since a half-open connection would never report the loss, and
+/// re-opened once etcd answers again.
 pub(super) async fn mirror_loop(
     inner: Arc<Inner>,
     kind: Kind,
@@ -111,8 +114,12 @@ pub(super) async fn mirror_loop(
 ) {
     let (key, range_end) = inner.range_of(kind.sub());
     let (mut next, mut raw) = start.unwrap_or_default();
+    let mut health = inner.health.subscribe();
     let mut backoff = Duration::from_millis(100);
     loop {
+        if health.wait_for(Health::is_ok).await.is_err() {
+            return; // the store is gone
+        }
         if next == 0 {
             match load(&inner, kind).await {
                 Ok(loaded) => (next, raw) = loaded,
@@ -130,7 +137,14 @@ pub(super) async fn mirror_loop(
         };
         match inner.gw.watch(&req).await {
             Ok(mut stream) => loop {
-                match stream.next().await {
+                let msg = tokio::select! {
+                    msg = stream.next() => msg,
+                    _ = health.wait_for(|h| !h.is_ok()) => {
+                        debug!(kind = kind.sub(), "etcd unreachable; watch dropped");
+                        break;
+                    }
+                };
+                match msg {
                     Ok(Some(resp)) if resp.canceled => {
                         if resp.compact_revision > 0 {
                             info!(

@@ -196,7 +196,7 @@ impl<'de> Deserialize<'de> for LabelValue {
             }
             fn visit_bool<E: de::Error>(self, v: bool) -> Result<LabelValue, E> {
                 Err(E::custom(format!(
-                    "label values are strings: quote it, e.g. \"{v}\" (or \"True\" as written on the object)"
+                    "label values are strings: quote it as the label is written, e.g. \"{v}\" or \"True\""
                 )))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<LabelValue, E> {

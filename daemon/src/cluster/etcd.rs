@@ -21,6 +21,11 @@
 //! missed release). N fixed slot keys (`slots/0..N-1`, taken with a
 //! `create_revision == 0` compare) were the alternative; they give no
 //! order among waiters (whoever retries first wins), hence the queue.
+//! Joining is one txn (the put plus a range of the queue sorted by create
+//! revision), so an uncontended acquire is one round trip and one raft
+//! write, and a release one more. N is each host's own configured limit:
+//! hosts must agree on it (a host with a larger N lets its own waiters in
+//! earlier, never others').
 //!
 //! **Crashes**: the host lease (TTL 10 s, kept alive every TTL/3) carries
 //! the host's registration and its queue keys, so a dead host's slots and

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod guestio;

@@ -31,7 +31,7 @@ const MIGRATE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Both gates: the QEMU binary, or None (after "skipped: ...") to skip.
 fn qemu() -> Option<PathBuf> {
-    if !common::kvm() {
+    if !vmm::kvm_check::kvm_available_or_skip() {
         return None;
     }
     vmm::qemu_check::qemu_available_or_skip()

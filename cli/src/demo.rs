@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
-use migrated::client::ApiClient;
-use migrated::config::Config;
-use migrated::model::{
+use migrated_api::client::ApiClient;
+use migrated_api::config::Config;
+use migrated_api::model::{
     codes, DirtyMode, DirtyRate, GuestCounters, MigrationOverrides, MigrationPhase, Quantity,
     VmPhase, VmSpec, WorkloadSpec,
 };

@@ -20,9 +20,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use migrated::client::{ApiCallError, ApiClient};
-use migrated::config::{DEFAULT_API_SOCKET, DEFAULT_CONFIG_PATH};
-use migrated::model::{
+use migrated_api::client::{ApiCallError, ApiClient};
+use migrated_api::config::{DEFAULT_API_SOCKET, DEFAULT_CONFIG_PATH};
+use migrated_api::model::{
     DirtyMode, DirtyRate, MigrationPhase, MigrationRecord, MigrationRequest, Quantity, VmSpec,
     WorkloadSpec,
 };

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::time::SystemTime;
 
-use migrated::model::{
+use migrated_api::model::{
     ConditionStatus, MigrationConfiguration, MigrationMode, MigrationRecord, ThrottleStep,
     Timestamp, Vm,
 };
@@ -199,11 +199,11 @@ pub fn describe_migration(m: &MigrationRecord) -> String {
     kv("End Timestamp", opt(m.end_timestamp));
     kv(
         "Completed",
-        (m.phase == migrated::model::MigrationPhase::Succeeded).to_string(),
+        (m.phase == migrated_api::model::MigrationPhase::Succeeded).to_string(),
     );
     kv(
         "Failed",
-        (m.phase == migrated::model::MigrationPhase::Failed).to_string(),
+        (m.phase == migrated_api::model::MigrationPhase::Failed).to_string(),
     );
     if let Some(code) = &m.failure_code {
         kv("Failure Code", code.clone());

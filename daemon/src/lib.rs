@@ -6,17 +6,17 @@
 
 #![forbid(unsafe_code)]
 
+// The API types, client and config live in `migrated-api` so that
+// `migratectl` does not link the engine; the daemon keeps its old paths.
+pub use migrated_api::{client, config, model, quantity};
+
 pub mod api;
-pub mod client;
-pub mod config;
 pub mod engine;
 pub mod guestio;
 pub mod incoming;
-pub mod model;
 pub mod outgoing;
 pub mod peers;
 pub mod precopy;
-pub mod quantity;
 pub mod service;
 pub mod store;
 pub mod supervisor;

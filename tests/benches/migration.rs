@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use common::{available_memory, check_binaries, human, raw_quinn, wait_running, GIB, MIB};
 use e2e::{kvm_or_skip, Cluster};
-use migrated::model::{MigrationPhase, MigrationRecord, MigrationRequest};
+use migrated_api::model::{MigrationPhase, MigrationRecord, MigrationRequest};
 
 mod common;
 

@@ -45,11 +45,11 @@ use std::time::{Duration, Instant};
 
 use common::{available_memory, check_binaries, human, raw_quinn, wait_running, GIB, MIB};
 use e2e::{kvm_or_skip, Cluster};
-use migrated::model::{
+use migrated_api::model::{
     AutoConvergeStep, DirtyMode, DirtyRate, MigrationMode, MigrationOverrides, MigrationPhase,
     MigrationRecord, MigrationRequest, VmSpec, WorkloadSpec,
 };
-use migrated::quantity::{HumanDuration, Quantity};
+use migrated_api::quantity::{HumanDuration, Quantity};
 use table::{opt, print_baseline, print_reference, print_table, print_targets, secs};
 
 mod common;

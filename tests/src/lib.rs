@@ -17,9 +17,9 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{mpsc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use migrated::client::ApiClient;
-use migrated::config::Config;
-use migrated::model::{GuestCounters, MigrationRecord, Vm};
+use migrated_api::client::ApiClient;
+use migrated_api::config::Config;
+use migrated_api::model::{GuestCounters, MigrationRecord, Vm};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use transport::identity::{ClusterCa, HostName, Validity};

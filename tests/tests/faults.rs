@@ -14,8 +14,8 @@ use std::time::{Duration, Instant, SystemTime};
 use e2e::linkcut::{nft_available, CutMethod, LinkCut};
 use e2e::netns::{NetnsPair, ADDR_A, ADDR_B};
 use e2e::{kvm_or_skip, stderr, Cluster, HostSpec};
-use migrated::config::Config;
-use migrated::model::{
+use migrated_api::config::Config;
+use migrated_api::model::{
     AbortStatus, HumanDuration, MigrationOverrides, MigrationPhase, MigrationRecord,
     MigrationRequest, Quantity, VmPhase,
 };
@@ -611,7 +611,7 @@ fn post_copy_survives_a_ten_second_link_cut() {
         m.phase.is_final() || m.post_copy_start_timestamp.is_some()
     });
     assert!(!running.phase.is_final(), "{running:?}\n{}", logs(&c));
-    assert_eq!(running.mode, migrated::model::MigrationMode::PostCopy);
+    assert_eq!(running.mode, migrated_api::model::MigrationMode::PostCopy);
     // Cancel is refused now, with the reason.
     let refused = c.ctl(A, &["cancel", &m.name]);
     assert!(!refused.status.success());

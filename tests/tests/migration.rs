@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use e2e::netns::{NetnsPair, ADDR_A, ADDR_B};
 use e2e::{kvm_or_skip, run_with_deadline, serial, stderr, stdout, Binaries, Cluster, HostSpec};
-use migrated::model::{
+use migrated_api::model::{
     HumanDuration, MigrationPhase, MigrationRecord, MigrationRequest, Quantity, VmPhase,
 };
 

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use e2e::{kvm_or_skip, Cluster};
-use migrated::model::{
+use migrated_api::model::{
     MigrationMode, MigrationOverrides, MigrationPhase, MigrationRecord, MigrationRequest, Quantity,
     VmPhase,
 };

@@ -1,5 +1,4 @@
-//! The types of the local API, shared by `migrated` and `migratectl` (the
-//! one dependency the CLI has on the daemon). JSON field names are
+//! The types of the local API, shared by `migrated` and `migratectl`. JSON field names are
 //! camelCase and the migration record follows KubeVirt's
 //! `VirtualMachineInstanceMigration` status and `migrationState`, so people
 //! who know KubeVirt read our output without a glossary.

@@ -6,14 +6,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
 
-use migrated::engine::{MigrationEngine, MigrationHandle, UnavailableEngine};
+use migrated::migration::engine::ResumeError;
+use migrated::migration::{MigrationEngine, MigrationHandle};
 use migrated::model::{
     codes, AbortStatus, HumanDuration, MigrationConfiguration, MigrationMode, MigrationOverrides,
     MigrationPhase, MigrationRecord, ThrottleStep, Timestamp,
 };
 use migrated::service::Service;
 use migrated::store::Store;
-use migrated::testing::{FakeBackend, HoldingEngine};
+use migrated::testing::{FakeBackend, HoldingEngine, UnavailableEngine};
 
 /// A daemon serving on a socket in a temp dir until dropped.
 struct TestDaemon {
@@ -334,7 +335,7 @@ fn second_migration_is_refused_and_cancel_works() {
 struct InstantEngine;
 
 impl MigrationEngine for InstantEngine {
-    fn start(&self, _record: MigrationRecord, handle: MigrationHandle) {
+    fn start(&self, _record: MigrationRecord, handle: MigrationHandle, _service: Arc<Service>) {
         handle
             .update(|r| {
                 r.start_timestamp = Some(Timestamp::now());
@@ -552,7 +553,7 @@ impl MigrationEngine for ScriptEngine {
         })
     }
 
-    fn start(&self, record: MigrationRecord, handle: MigrationHandle) {
+    fn start(&self, record: MigrationRecord, handle: MigrationHandle, _service: Arc<Service>) {
         handle
             .update(|r| {
                 r.start_timestamp = Some(Timestamp::now());
@@ -606,7 +607,7 @@ impl MigrationEngine for ScriptEngine {
             .unwrap();
     }
 
-    fn resume(&self, _record: MigrationRecord, handle: MigrationHandle) -> Result<(), String> {
+    fn resume(&self, _record: MigrationRecord, handle: MigrationHandle) -> Result<(), ResumeError> {
         handle
             .update(|r| {
                 r.reconnects += 1;
@@ -616,7 +617,7 @@ impl MigrationEngine for ScriptEngine {
                 r.end_timestamp = Some(Timestamp::now());
             })
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(ResumeError::Record)
     }
 }
 

@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tracing::{info, warn};
 
-use crate::engine::{MigrationEngine, MigrationTable, UpdateMigrationError};
+use crate::migration::engine::ResumeError;
+use crate::migration::{MigrationEngine, MigrationTable, UpdateMigrationError};
 use crate::model::{
     check_name, codes, AbortStatus, Condition, ConditionStatus, ConditionType, GuestCounters,
     Health, InvalidNameError, InvalidSpecError, MigrationMethod, MigrationMode, MigrationOverrides,
@@ -59,6 +60,12 @@ pub enum ServiceError {
     CancelInPostCopy { name: String, target: String },
     #[error("migration {name} cannot be resumed: {why}")]
     NotResumable { name: String, why: String },
+    #[error("migration {name} cannot be resumed")]
+    ResumeRefused {
+        name: String,
+        #[source]
+        source: ResumeError,
+    },
     #[error("migration {name} is already in post-copy")]
     AlreadyPostCopy { name: String },
     #[error("invalid migration option {key}: {message}")]
@@ -93,9 +100,10 @@ impl ServiceError {
             InvalidSpec(_) | InvalidName(_) | TargetIsSelf { .. } | InvalidOption { .. } => {
                 codes::INVALID_ARGUMENT
             }
-            CancelInPostCopy { .. } | AlreadyPostCopy { .. } | NotResumable { .. } => {
-                codes::CONFLICT
-            }
+            CancelInPostCopy { .. }
+            | AlreadyPostCopy { .. }
+            | NotResumable { .. }
+            | ResumeRefused { .. } => codes::CONFLICT,
             VmNotRunning { .. } => codes::VM_NOT_RUNNING,
             VmBusy { .. } => codes::VM_BUSY,
             MigrationInProgress { .. } => codes::MIGRATION_IN_PROGRESS,
@@ -569,7 +577,12 @@ impl Service {
         Ok(())
     }
 
-    pub fn create_migration(&self, req: MigrationRequest) -> Result<MigrationRecord, ServiceError> {
+    /// Creates a migration record and hands it to the engine, which gets
+    /// this service for the VM it moves (hence `Arc<Self>`).
+    pub fn create_migration(
+        self: &Arc<Self>,
+        req: MigrationRequest,
+    ) -> Result<MigrationRecord, ServiceError> {
         check_name("vm name", &req.vm)?;
         check_options(&req.options)?;
         if req.target_host == self.host_name {
@@ -628,7 +641,7 @@ impl Service {
         };
         info!(migration = %record.name, vm = %record.vm, target = %record.target_host, "migration created");
         let handle = self.migrations.handle(&record.name);
-        self.engine.start(record.clone(), handle);
+        self.engine.start(record.clone(), handle, self.clone());
         Ok(self.migrations.get(&record.name).unwrap_or(record))
     }
 
@@ -702,9 +715,9 @@ impl Service {
         let handle = self.migrations.handle(name);
         self.engine
             .resume(current, handle)
-            .map_err(|why| ServiceError::NotResumable {
+            .map_err(|source| ServiceError::ResumeRefused {
                 name: name.into(),
-                why,
+                source,
             })?;
         self.get_migration(name)
     }

@@ -8,14 +8,14 @@ use std::sync::Arc;
 
 use axum::http::StatusCode;
 use migrated::client::{ApiCallError, ApiClient};
-use migrated::engine::{MigrationEngine, UnavailableEngine, ENGINE_UNAVAILABLE_REASON};
+use migrated::migration::MigrationEngine;
 use migrated::model::{
     AbortStatus, ConditionStatus, MigrationMethod, MigrationPhase, MigrationRequest, Quantity,
     VmPhase, VmSpec, WorkloadSpec,
 };
 use migrated::service::Service;
 use migrated::store::Store;
-use migrated::testing::{FakeBackend, HoldingEngine};
+use migrated::testing::{FakeBackend, HoldingEngine, UnavailableEngine, ENGINE_UNAVAILABLE_REASON};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 

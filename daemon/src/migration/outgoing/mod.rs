@@ -24,13 +24,13 @@ use transport::limiter::{BytesPerSecond, RateLimiter};
 use transport::session::{Compression, SourceError, SourceOptions, SourceSession};
 use vmm::control::{CallError, ControlClient};
 
-use crate::engine::MigrationHandle;
-use crate::guestio::{
+use super::guestio::{
     holes, page_ranges, to_wire_layout, ConvertLayoutError, GuestPages, StateEnvelope,
 };
+use super::peers::{ConnectPeerError, Peers};
+use super::table::MigrationHandle;
 use crate::model::{AbortStatus, MigrationPhase, MigrationRecord, Timestamp};
 use crate::model::{AutoConvergeStep, MigrationConfiguration, ThrottleStep};
-use crate::peers::{ConnectPeerError, Peers};
 use crate::service::Service;
 
 mod postcopy;

@@ -22,7 +22,7 @@ use transport::session::SourceError;
 use super::{
     bitmap_ranges, migration_id, update, MigrateOutError, Progress, Transfer, BULK_STREAMS,
 };
-use crate::guestio::{page_set_digest, PostCopyDigests, StateEnvelope};
+use crate::migration::guestio::{page_set_digest, PostCopyDigests, StateEnvelope};
 use crate::model::{codes, MigrationMode, MigrationPhase, Timestamp};
 
 /// Dial attempts after the link broke, before the record says

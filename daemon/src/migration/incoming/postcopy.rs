@@ -40,8 +40,8 @@ use transport::session::{DestinationSession, PageSink};
 use vmm::control::ControlClient;
 
 use super::Prepared;
-use crate::guestio::{page_digest, page_set_digest, StateEnvelope};
-use crate::outgoing::DIGEST_MISMATCH;
+use crate::migration::guestio::{page_digest, page_set_digest, StateEnvelope};
+use crate::migration::outgoing::DIGEST_MISMATCH;
 use crate::service::Service;
 
 /// Post-copy migrations that can take a resumed connection, by id.

@@ -20,11 +20,11 @@ use transport::endpoint::{DestinationStreams, Endpoint, PeerConnection};
 use transport::session::{DestOptions, DestinationSession, PageSink};
 use vmm::control::ControlClient;
 
-use crate::guestio::{to_guest_layout, GuestPages, StateEnvelope};
+use super::guestio::{to_guest_layout, GuestPages, StateEnvelope};
 
 mod postcopy;
+use super::outgoing::DIGEST_MISMATCH;
 use crate::model::Quantity;
-use crate::outgoing::DIGEST_MISMATCH;
 use crate::service::Service;
 use crate::store::VmPaths;
 use crate::supervisor::{check_host_memory, LaunchError, VmBackend, VmmSupervisor};

@@ -432,6 +432,187 @@ pub enum AbortStatus {
     Failed,
 }
 
+/// Why a migration failed: the stable `failureCode` of its record, a
+/// snake_case string in JSON. Distinct from the API's own error codes
+/// ([`codes`]), which say why a request was refused.
+///
+/// Codes the target sent when it refused or aborted keep the target's
+/// name (`vm_exists`, `not_enough_memory` ...). A cancel is `aborted`
+/// whichever side it came from (KubeVirt's word); records written before
+/// that rename said `cancelled` for a target's cancel and still load.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureCode {
+    /// The user cancelled it (or the target did).
+    #[serde(alias = "cancelled")]
+    Aborted,
+    /// The completion timeout passed.
+    Timeout,
+    /// No progress within the progress timeout.
+    ProgressTimeout,
+    /// Keepalives stopped: the peer or the link is gone.
+    PeerLost,
+    /// The target could not be dialed or gave no streams.
+    TargetUnreachable,
+    /// The transfer failed for another reason than a lost peer.
+    TransferFailed,
+    /// The VM left this host while its migration was starting.
+    VmNotFound,
+    /// A call to the guest's VMM failed.
+    VmmFailed,
+    /// Verify mode: the memory digests of both sides differ.
+    DigestMismatch,
+    /// The daemon restarted while the migration was in flight.
+    DaemonRestarted,
+    /// The link broke during post-copy for longer than the reconnects
+    /// lasted: both hosts keep their part of the guest and `migratectl
+    /// migrate --resume` continues it.
+    PostCopyInterrupted,
+    /// This host has no TLS identity to reach peers with.
+    TlsUnavailable,
+    /// The daemon runs without a migration engine (tests).
+    EngineUnavailable,
+    /// The target already has a VM of that name.
+    VmExists,
+    /// The target lacks the memory for the guest.
+    NotEnoughMemory,
+    /// The target refused for another reason.
+    Refused,
+    BadFrame,
+    BadCrc,
+    OutOfRange,
+    VersionMismatch,
+    /// A frame arrived in a state where it is not allowed.
+    Protocol,
+    Unauthorized,
+    /// The guest cannot run on the target (CPU model, devices).
+    Incompatible,
+    /// A bug or an unexpected local error.
+    Internal,
+    /// A code this build does not know (a newer peer's or daemon's).
+    #[serde(other)]
+    Unknown,
+}
+
+impl FailureCode {
+    /// The JSON form.
+    pub fn as_str(self) -> &'static str {
+        use FailureCode::*;
+        match self {
+            Aborted => "aborted",
+            Timeout => "timeout",
+            ProgressTimeout => "progress_timeout",
+            PeerLost => "peer_lost",
+            TargetUnreachable => "target_unreachable",
+            TransferFailed => "transfer_failed",
+            VmNotFound => "vm_not_found",
+            VmmFailed => "vmm_failed",
+            DigestMismatch => "digest_mismatch",
+            DaemonRestarted => "daemon_restarted",
+            PostCopyInterrupted => "post_copy_interrupted",
+            TlsUnavailable => "tls_unavailable",
+            EngineUnavailable => "engine_unavailable",
+            VmExists => "vm_exists",
+            NotEnoughMemory => "not_enough_memory",
+            Refused => "refused",
+            BadFrame => "bad_frame",
+            BadCrc => "bad_crc",
+            OutOfRange => "out_of_range",
+            VersionMismatch => "version_mismatch",
+            Protocol => "protocol",
+            Unauthorized => "unauthorized",
+            Incompatible => "incompatible",
+            Internal => "internal",
+            Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for FailureCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A migration's uid: an RFC 4122 version 4 UUID. Its 128 bits are also
+/// the migration's id on the wire, so it is parsed once, when a record is
+/// read, and a record with a malformed uid does not load.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MigrationUid(u128);
+
+impl MigrationUid {
+    /// A fresh random uid.
+    pub fn random() -> Self {
+        let mut u = u128::from_be_bytes(random_bytes::<16>());
+        // RFC 4122 version 4 (bits 76-79), variant 1 (bits 62-63).
+        u = (u & !(0xf << 76)) | (0x4 << 76);
+        u = (u & !(0x3 << 62)) | (0x2 << 62);
+        Self(u)
+    }
+
+    /// The 128 bits, as the wire's migration id.
+    pub fn as_u128(self) -> u128 {
+        self.0
+    }
+}
+
+impl From<u128> for MigrationUid {
+    fn from(v: u128) -> Self {
+        Self(v)
+    }
+}
+
+impl fmt::Display for MigrationUid {
+    /// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, lower-case.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let h = format!("{:032x}", self.0);
+        write!(
+            f,
+            "{}-{}-{}-{}-{}",
+            &h[0..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..32]
+        )
+    }
+}
+
+/// A uid that is not `8-4-4-4-12` hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{input:?} is not a migration uid (8-4-4-4-12 hex digits)")]
+pub struct InvalidUidError {
+    pub input: String,
+}
+
+impl FromStr for MigrationUid {
+    type Err = InvalidUidError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || InvalidUidError { input: s.into() };
+        let groups: Vec<&str> = s.split('-').collect();
+        let lens: Vec<usize> = groups.iter().map(|g| g.len()).collect();
+        if lens != [8, 4, 4, 4, 12] || !s.chars().all(|c| c == '-' || c.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        u128::from_str_radix(&groups.concat(), 16)
+            .map(Self)
+            .map_err(|_| bad())
+    }
+}
+
+impl Serialize for MigrationUid {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MigrationUid {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}
+
 /// Body of `POST /v1/migrations`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -547,7 +728,7 @@ pub struct ThrottleStep {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MigrationRecord {
-    pub uid: String,
+    pub uid: MigrationUid,
     /// `<vm>-<5 random chars>`.
     pub name: String,
     pub vm: String,
@@ -591,9 +772,9 @@ pub struct MigrationRecord {
     /// vCPU throttle applied by auto-converge, percent.
     #[serde(default)]
     pub throttle_pct: u8,
-    /// Stable code of the failure (see `api::ErrorCode` for the API's own).
+    /// Stable code of the failure.
     #[serde(default)]
-    pub failure_code: Option<String>,
+    pub failure_code: Option<FailureCode>,
     #[serde(default)]
     pub failure_reason: Option<String>,
     #[serde(default)]
@@ -653,28 +834,13 @@ impl MigrationRecord {
         target_host: &str,
         target_address: &str,
     ) -> Self {
-        let rnd = random_bytes::<21>();
         const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-        let suffix: String = rnd[16..]
+        let suffix: String = random_bytes::<5>()
             .iter()
             .map(|b| ALPHABET[usize::from(*b) % ALPHABET.len()] as char)
             .collect();
-        let mut u = [0u8; 16];
-        u.copy_from_slice(&rnd[..16]);
-        // RFC 4122 version 4, variant 1.
-        u[6] = (u[6] & 0x0f) | 0x40;
-        u[8] = (u[8] & 0x3f) | 0x80;
-        let hex: String = u.iter().map(|b| format!("{b:02x}")).collect();
-        let uid = format!(
-            "{}-{}-{}-{}-{}",
-            &hex[0..8],
-            &hex[8..12],
-            &hex[12..16],
-            &hex[16..20],
-            &hex[20..32]
-        );
         Self {
-            uid,
+            uid: MigrationUid::random(),
             name: format!("{vm}-{suffix}"),
             vm: vm.into(),
             source_host: source_host.into(),
@@ -717,11 +883,24 @@ impl MigrationRecord {
     }
 
     /// Moves to Failed with a stable code and a reason, stamping the end.
-    pub fn fail(&mut self, code: &str, reason: impl Into<String>) {
+    pub fn fail(&mut self, code: FailureCode, reason: impl Into<String>) {
         self.phase = MigrationPhase::Failed;
-        self.failure_code = Some(code.into());
+        self.failure_code = Some(code);
         self.failure_reason = Some(reason.into());
         self.end_timestamp = Some(Timestamp::now());
+    }
+
+    /// Settles a user's cancel when nothing runs for the migration any
+    /// more: a migration still in flight fails as `aborted` (the abort
+    /// succeeded); one that already finished keeps its outcome and the
+    /// abort failed.
+    pub fn settle_abort(&mut self) {
+        if self.phase.is_final() {
+            self.abort_status = Some(AbortStatus::Failed);
+        } else {
+            self.abort_status = Some(AbortStatus::Succeeded);
+            self.fail(FailureCode::Aborted, "migration was cancelled");
+        }
     }
 
     /// Percent of guest memory sent so far (0 when the total is unknown).
@@ -780,7 +959,8 @@ pub struct ErrorBody {
     pub hint: Option<String>,
 }
 
-/// Stable API error codes (the `code` of [`ErrorBody`]).
+/// Stable API error codes (the `code` of [`ErrorBody`]); a migration's
+/// own failure codes are [`FailureCode`].
 pub mod codes {
     pub const NOT_FOUND: &str = "not_found";
     pub const ALREADY_EXISTS: &str = "already_exists";
@@ -792,13 +972,8 @@ pub mod codes {
     pub const INSUFFICIENT_MEMORY: &str = "insufficient_memory";
     pub const VMM_FAILED: &str = "vmm_failed";
     pub const ALREADY_FINISHED: &str = "already_finished";
-    /// Failure code of a post-copy migration whose link broke for longer
-    /// than the reconnects lasted: both hosts keep their part of the guest
-    /// and `migratectl migrate --resume` continues it.
-    pub const POST_COPY_INTERRUPTED: &str = "post_copy_interrupted";
     /// The request conflicts with the migration's current mode.
     pub const CONFLICT: &str = "conflict";
-    pub const ENGINE_UNAVAILABLE: &str = "engine_unavailable";
     pub const INTERNAL: &str = "internal";
 }
 
@@ -900,8 +1075,10 @@ mod tests {
         assert!(suffix
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()));
-        assert_eq!(a.uid.len(), 36);
-        assert_eq!(&a.uid[14..15], "4");
+        let uid = a.uid.to_string();
+        assert_eq!(uid.len(), 36);
+        assert_eq!(&uid[14..15], "4");
+        assert_eq!(uid.parse(), Ok(a.uid));
         let json = serde_json::to_value(&a).unwrap();
         assert_eq!(json["phase"], "Pending");
         assert_eq!(json["sourceHost"], "h1");
@@ -913,12 +1090,80 @@ mod tests {
 
     #[test]
     fn old_records_without_new_fields_load() {
-        let json = r#"{"uid":"u","name":"v-abcde","vm":"v","sourceHost":"a","targetHost":"b",
+        let json = r#"{"uid":"0d1b7a52-7c3e-4f0a-9d6e-2f4c8b1a3e5d","name":"v-abcde","vm":"v","sourceHost":"a","targetHost":"b",
             "targetAddress":"b:1","phase":"Running","mode":"PreCopy",
             "creationTimestamp":"2026-01-01T00:00:00.000Z"}"#;
         let r: MigrationRecord = serde_json::from_str(json).unwrap();
         assert_eq!(r.phase, MigrationPhase::Running);
         assert!(!r.abort_requested);
         assert_eq!(r.percent_sent(), 0.0);
+    }
+
+    #[test]
+    fn uids_parse_once_and_strictly() {
+        let u: MigrationUid = "0d1b7a52-7c3e-4f0a-9d6e-2f4c8b1a3e5d".parse().unwrap();
+        assert_eq!(u.as_u128(), 0x0d1b7a527c3e4f0a9d6e2f4c8b1a3e5d);
+        assert_eq!(u.to_string(), "0d1b7a52-7c3e-4f0a-9d6e-2f4c8b1a3e5d");
+        for bad in [
+            "",
+            "u",
+            "0d1b7a527c3e4f0a9d6e2f4c8b1a3e5d",
+            "0d1b7a52-7c3e-4f0a-9d6e-2f4c8b1a3e5",
+            "0d1b7a52-7c3e-4f0a-9d6e-2f4c8b1a3e5g",
+            "+d1b7a52-7c3e-4f0a-9d6e-2f4c8b1a3e5d",
+        ] {
+            assert!(bad.parse::<MigrationUid>().is_err(), "{bad}");
+        }
+        let json = r#"{"uid":"nope","name":"v-abcde","vm":"v","sourceHost":"a","targetHost":"b",
+            "targetAddress":"b:1","phase":"Running","mode":"PreCopy",
+            "creationTimestamp":"2026-01-01T00:00:00.000Z"}"#;
+        let err = serde_json::from_str::<MigrationRecord>(json).unwrap_err();
+        assert!(err.to_string().contains("not a migration uid"), "{err}");
+    }
+
+    #[test]
+    fn failure_codes_are_snake_case_strings() {
+        let mut r = MigrationRecord::new_pending("v", "a", "b", "b:1");
+        r.fail(FailureCode::PostCopyInterrupted, "link lost");
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["failureCode"], "post_copy_interrupted");
+        use FailureCode::*;
+        let all = [
+            Aborted,
+            Timeout,
+            ProgressTimeout,
+            PeerLost,
+            TargetUnreachable,
+            TransferFailed,
+            VmNotFound,
+            VmmFailed,
+            DigestMismatch,
+            DaemonRestarted,
+            PostCopyInterrupted,
+            TlsUnavailable,
+            EngineUnavailable,
+            VmExists,
+            NotEnoughMemory,
+            Refused,
+            BadFrame,
+            BadCrc,
+            OutOfRange,
+            VersionMismatch,
+            Protocol,
+            Unauthorized,
+            Incompatible,
+            Internal,
+            Unknown,
+        ];
+        for code in all {
+            let text = serde_json::to_string(&code).unwrap();
+            assert_eq!(text, format!("\"{}\"", code.as_str()));
+            assert_eq!(serde_json::from_str::<FailureCode>(&text).unwrap(), code);
+        }
+        // Records from before the rename, and codes from a newer peer.
+        let old: FailureCode = serde_json::from_str("\"cancelled\"").unwrap();
+        assert_eq!(old, FailureCode::Aborted);
+        let newer: FailureCode = serde_json::from_str("\"quota_exceeded\"").unwrap();
+        assert_eq!(newer, FailureCode::Unknown);
     }
 }

@@ -187,7 +187,7 @@ pub fn describe_migration(m: &MigrationRecord) -> String {
         );
     };
     kv(0, "Name", m.name.clone());
-    kv(0, "UID", m.uid.clone());
+    kv(0, "UID", m.uid.to_string());
     kv(0, "VM", m.vm.clone());
     kv(0, "Phase", m.phase.to_string());
     kv(0, "Created", m.creation_timestamp.to_string());
@@ -206,7 +206,7 @@ pub fn describe_migration(m: &MigrationRecord) -> String {
         (m.phase == migrated_api::model::MigrationPhase::Failed).to_string(),
     );
     if let Some(code) = &m.failure_code {
-        kv("Failure Code", code.clone());
+        kv("Failure Code", code.to_string());
     }
     kv("Failure Reason", opt(m.failure_reason.as_ref()));
     kv("Abort Requested", m.abort_requested.to_string());

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use migrated::migration::engine::ResumeError;
 use migrated::migration::{MigrationEngine, MigrationHandle};
 use migrated::model::{
-    codes, AbortStatus, HumanDuration, MigrationConfiguration, MigrationMode, MigrationOverrides,
-    MigrationPhase, MigrationRecord, ThrottleStep, Timestamp,
+    AbortStatus, FailureCode, HumanDuration, MigrationConfiguration, MigrationMode,
+    MigrationOverrides, MigrationPhase, MigrationRecord, ThrottleStep, Timestamp,
 };
 use migrated::service::Service;
 use migrated::store::Store;
@@ -580,7 +580,7 @@ impl MigrationEngine for ScriptEngine {
                     "pc" => post_copy_numbers(r),
                     "cut" => {
                         post_copy_numbers(r);
-                        r.fail(codes::POST_COPY_INTERRUPTED, "link to host-b lost");
+                        r.fail(FailureCode::PostCopyInterrupted, "link to host-b lost");
                     }
                     _ => {}
                 }
@@ -591,7 +591,7 @@ impl MigrationEngine for ScriptEngine {
     fn abort(&self, handle: MigrationHandle) {
         let _ = handle.update(|r| {
             r.abort_status = Some(AbortStatus::Succeeded);
-            r.fail("aborted", "migration was cancelled");
+            r.fail(FailureCode::Aborted, "migration was cancelled");
         });
     }
 
@@ -805,10 +805,7 @@ fn post_copy_cannot_be_cancelled_but_an_interrupted_one_resumes() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("link to host-b lost"), "{}", stderr(&o));
     let failed: MigrationRecord = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(
-        failed.failure_code.as_deref(),
-        Some(codes::POST_COPY_INTERRUPTED)
-    );
+    assert_eq!(failed.failure_code, Some(FailureCode::PostCopyInterrupted));
     let o = d.ctl(&["migrate", "--resume", &failed.name, "--wait"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let text = stdout(&o);

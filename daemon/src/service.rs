@@ -14,10 +14,10 @@ use tracing::{info, warn};
 use crate::migration::engine::ResumeError;
 use crate::migration::{MigrationEngine, MigrationTable, UpdateMigrationError};
 use crate::model::{
-    check_name, codes, AbortStatus, Condition, ConditionStatus, ConditionType, GuestCounters,
-    Health, InvalidNameError, InvalidSpecError, MigrationMethod, MigrationMode, MigrationOverrides,
-    MigrationPhase, MigrationRecord, MigrationRequest, Quantity, Timestamp, Vm, VmPhase, VmSpec,
-    VmStatus,
+    check_name, codes, AbortStatus, Condition, ConditionStatus, ConditionType, FailureCode,
+    GuestCounters, Health, InvalidNameError, InvalidSpecError, MigrationMethod, MigrationMode,
+    MigrationOverrides, MigrationPhase, MigrationRecord, MigrationRequest, Quantity, Timestamp, Vm,
+    VmPhase, VmSpec, VmStatus,
 };
 use crate::store::{
     DeleteRecordError, DesiredState, ListRecordsError, SaveRecordError, Store, VmRecord,
@@ -266,7 +266,7 @@ impl Service {
             let h = svc.migrations.handle(&r.name);
             if let Err(e) = h.update(|r| {
                 r.fail(
-                    "daemon_restarted",
+                    FailureCode::DaemonRestarted,
                     "the daemon restarted during the migration",
                 )
             }) {
@@ -700,15 +700,17 @@ impl Service {
         let current = self.get_migration(name)?;
         let resumable = current.phase == MigrationPhase::Failed
             && current.mode == MigrationMode::PostCopy
-            && current.failure_code.as_deref() == Some(codes::POST_COPY_INTERRUPTED);
+            && current.failure_code == Some(FailureCode::PostCopyInterrupted);
         if !resumable {
             return Err(ServiceError::NotResumable {
                 name: name.into(),
                 why: format!(
                     "only a post-copy migration that failed with {} can be resumed; this one is {} ({})",
-                    codes::POST_COPY_INTERRUPTED,
+                    FailureCode::PostCopyInterrupted,
                     current.phase,
-                    current.failure_code.as_deref().unwrap_or("no failure"),
+                    current
+                        .failure_code
+                        .map_or("no failure", FailureCode::as_str),
                 ),
             });
         }

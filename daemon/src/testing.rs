@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use tracing::warn;
 
 use crate::migration::{MigrationEngine, MigrationHandle};
-use crate::model::{codes, AbortStatus, GuestCounters, MigrationRecord, Quantity, VmSpec};
+use crate::model::{FailureCode, GuestCounters, MigrationRecord, Quantity, VmSpec};
 use crate::service::Service;
 use crate::store::VmPaths;
 use crate::supervisor::{
@@ -129,10 +129,7 @@ impl MigrationEngine for HoldingEngine {
     }
 
     fn abort(&self, handle: MigrationHandle) {
-        let _ = handle.update(|r| {
-            r.abort_status = Some(AbortStatus::Succeeded);
-            r.fail("aborted", "migration was cancelled");
-        });
+        let _ = handle.update(MigrationRecord::settle_abort);
     }
 
     fn configure(
@@ -160,7 +157,7 @@ impl MigrationEngine for UnavailableEngine {
     fn start(&self, record: MigrationRecord, handle: MigrationHandle, _service: Arc<Service>) {
         warn!(migration = %record.name, "no migration engine in this build; failing the migration");
         if let Err(e) =
-            handle.update(|r| r.fail(codes::ENGINE_UNAVAILABLE, ENGINE_UNAVAILABLE_REASON))
+            handle.update(|r| r.fail(FailureCode::EngineUnavailable, ENGINE_UNAVAILABLE_REASON))
         {
             warn!(migration = %record.name, error = %e, "cannot record the failure");
         }
@@ -168,11 +165,6 @@ impl MigrationEngine for UnavailableEngine {
 
     fn abort(&self, handle: MigrationHandle) {
         // Nothing runs, so there is nothing to stop: finish the abort.
-        let _ = handle.update(|r| {
-            r.abort_status = Some(AbortStatus::Succeeded);
-            if !r.phase.is_final() {
-                r.fail("aborted", "migration was cancelled");
-            }
-        });
+        let _ = handle.update(MigrationRecord::settle_abort);
     }
 }

@@ -10,8 +10,8 @@ use axum::http::StatusCode;
 use migrated::client::{ApiCallError, ApiClient};
 use migrated::migration::MigrationEngine;
 use migrated::model::{
-    AbortStatus, ConditionStatus, MigrationMethod, MigrationPhase, MigrationRequest, Quantity,
-    VmPhase, VmSpec, WorkloadSpec,
+    AbortStatus, ConditionStatus, FailureCode, MigrationMethod, MigrationPhase, MigrationRequest,
+    Quantity, VmPhase, VmSpec, WorkloadSpec,
 };
 use migrated::service::Service;
 use migrated::store::Store;
@@ -347,7 +347,7 @@ async fn without_an_engine_migrations_fail_clearly() {
     let m = c.create_migration(&migrate("db", "host-b")).await.unwrap();
     assert_eq!(m.phase, MigrationPhase::Failed);
     assert_eq!(m.failure_reason.as_deref(), Some(ENGINE_UNAVAILABLE_REASON));
-    assert_eq!(m.failure_code.as_deref(), Some("engine_unavailable"));
+    assert_eq!(m.failure_code, Some(FailureCode::EngineUnavailable));
     assert!(m.end_timestamp.is_some());
     // The failure is persisted, not just shown.
     let on_disk = Store::open(tmp.path().join("state"))
@@ -408,7 +408,7 @@ async fn restart_reattaches_and_reports_lost_guests() {
     // The migration in flight at the restart is marked failed, not left hanging.
     let m = d.client.get_migration(&m.name).await.unwrap();
     assert_eq!(m.phase, MigrationPhase::Failed);
-    assert_eq!(m.failure_code.as_deref(), Some("daemon_restarted"));
+    assert_eq!(m.failure_code, Some(FailureCode::DaemonRestarted));
     // A lost guest can be started again.
     assert_eq!(
         d.client.start_vm("lost").await.unwrap().status.phase,

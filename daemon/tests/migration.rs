@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use migrated::client::ApiClient;
 use migrated::model::{
-    DirtyMode, MigrationPhase, MigrationRecord, MigrationRequest, Quantity, VmPhase, VmSpec,
-    WorkloadSpec,
+    DirtyMode, FailureCode, MigrationPhase, MigrationRecord, MigrationRequest, Quantity, VmPhase,
+    VmSpec, WorkloadSpec,
 };
 use transport::identity::{ClusterCa, HostName, Validity};
 
@@ -285,7 +285,7 @@ async fn migrates_a_1g_guest_dirtying_64m_at_50m_per_s() {
 }
 
 /// Fails fast with a readable reason, and the guest never noticed.
-async fn fails_and_guest_stays(a: &ApiClient, vm: &str, target: &str, code: &str) {
+async fn fails_and_guest_stays(a: &ApiClient, vm: &str, target: &str, code: FailureCode) {
     let before = passes_above(a, vm, 0).await;
     let started = Instant::now();
     let m = a
@@ -299,7 +299,7 @@ async fn fails_and_guest_stays(a: &ApiClient, vm: &str, target: &str, code: &str
         .unwrap();
     let m = finished(a, &m.name, Duration::from_secs(20)).await;
     assert_eq!(m.phase, MigrationPhase::Failed, "{m:?}");
-    assert_eq!(m.failure_code.as_deref(), Some(code), "{m:?}");
+    assert_eq!(m.failure_code, Some(code), "{m:?}");
     assert!(
         started.elapsed() < Duration::from_secs(15),
         "took {:?}",
@@ -332,7 +332,7 @@ async fn unreachable_target_fails_fast_and_guest_keeps_running() {
         .await
         .unwrap();
     let _reaper = Reaper(vec![vm.status.pid.unwrap()]);
-    fails_and_guest_stays(&a.api, "stay", "host-b", "target_unreachable").await;
+    fails_and_guest_stays(&a.api, "stay", "host-b", FailureCode::TargetUnreachable).await;
 }
 
 #[tokio::test]
@@ -343,7 +343,7 @@ async fn target_with_the_same_vm_refuses_and_guest_keeps_running() {
     let on_a = p.a.api.create_vm(&s).await.unwrap();
     let on_b = p.b.api.create_vm(&s).await.unwrap();
     let _reaper = Reaper(vec![on_a.status.pid.unwrap(), on_b.status.pid.unwrap()]);
-    fails_and_guest_stays(&p.a.api, "twin", "host-b", "vm_exists").await;
+    fails_and_guest_stays(&p.a.api, "twin", "host-b", FailureCode::VmExists).await;
     // B's own VM is untouched.
     let b_vm = p.b.api.get_vm("twin").await.unwrap();
     assert_eq!(b_vm.status.pid, on_b.status.pid);
@@ -387,7 +387,7 @@ async fn a_migration_that_cannot_converge_times_out_and_resumes_the_guest() {
     let m = migrate_to_b(&p.a.api, "restless", false, Default::default()).await;
     let m = finished(&p.a.api, &m.name, Duration::from_secs(60)).await;
     assert_eq!(m.phase, MigrationPhase::Failed, "{m:?}");
-    assert_eq!(m.failure_code.as_deref(), Some("progress_timeout"), "{m:?}");
+    assert_eq!(m.failure_code, Some(FailureCode::ProgressTimeout), "{m:?}");
     assert!(m.passes >= 2, "{m:?}");
     assert!(
         m.dirty_rate > 0 && m.expected_downtime_ms.is_some(),
@@ -418,7 +418,7 @@ async fn cancelling_a_running_migration_resumes_the_guest() {
     p.a.api.cancel_migration(&m.name).await.unwrap();
     let m = finished(&p.a.api, &m.name, Duration::from_secs(30)).await;
     assert_eq!(m.phase, MigrationPhase::Failed, "{m:?}");
-    assert_eq!(m.failure_code.as_deref(), Some("aborted"), "{m:?}");
+    assert_eq!(m.failure_code, Some(FailureCode::Aborted), "{m:?}");
     assert_eq!(
         m.abort_status,
         Some(migrated::model::AbortStatus::Succeeded),

@@ -16,7 +16,7 @@ use e2e::netns::{NetnsPair, ADDR_A, ADDR_B};
 use e2e::{kvm_or_skip, stderr, Cluster, HostSpec};
 use migrated_api::config::Config;
 use migrated_api::model::{
-    AbortStatus, HumanDuration, MigrationOverrides, MigrationPhase, MigrationRecord,
+    AbortStatus, FailureCode, HumanDuration, MigrationOverrides, MigrationPhase, MigrationRecord,
     MigrationRequest, Quantity, VmPhase,
 };
 use transport::endpoint::Keepalive;
@@ -141,9 +141,9 @@ fn wait_target_vmm(c: &Cluster, vm: &str) {
     }
 }
 
-fn assert_failed_with(c: &Cluster, m: &MigrationRecord, code: &str) {
+fn assert_failed_with(c: &Cluster, m: &MigrationRecord, code: FailureCode) {
     assert_eq!(m.phase, MigrationPhase::Failed, "{m:?}\n{}", logs(c));
-    assert_eq!(m.failure_code.as_deref(), Some(code), "{m:?}\n{}", logs(c));
+    assert_eq!(m.failure_code, Some(code), "{m:?}\n{}", logs(c));
     assert!(
         m.failure_reason.as_deref().is_some_and(|r| !r.is_empty()),
         "{m:?}"
@@ -330,7 +330,7 @@ fn keepalive_long_cut_fails_with_peer_lost_and_guest_stays() {
         m.phase.is_final()
     });
     let seen = cut_at.elapsed();
-    assert_failed_with(&c, &failed, "peer_lost");
+    assert_failed_with(&c, &failed, FailureCode::PeerLost);
     let end = failed.end_timestamp.expect("end timestamp").0;
     let took = end.duration_since(cut_wall).unwrap_or_default();
     eprintln!(
@@ -423,7 +423,7 @@ fn assert_cancelled(c: &Cluster, name: &str, vm: &str) -> MigrationRecord {
     let done = c.wait_migration(A, name, FINAL_TIMEOUT, |m| {
         m.phase.is_final() && m.abort_status != Some(AbortStatus::Aborting)
     });
-    assert_failed_with(c, &done, "aborted");
+    assert_failed_with(c, &done, FailureCode::Aborted);
     assert!(done.abort_requested, "{done:?}");
     assert_eq!(done.abort_status, Some(AbortStatus::Succeeded), "{done:?}");
     assert_guest_stayed(c, vm);
@@ -468,7 +468,7 @@ fn cancel_during_pass_0() {
     // is read after the engine was told, so a quick abort may already
     // show in it as the final, cancelled phase.
     let cancelled =
-        at.phase == MigrationPhase::Failed && at.failure_code.as_deref() == Some("aborted");
+        at.phase == MigrationPhase::Failed && at.failure_code == Some(FailureCode::Aborted);
     assert!(at.phase == MigrationPhase::Running || cancelled, "{at:?}");
     assert_eq!(at.passes, 0, "{at:?}");
     assert_cancelled(&c, &m.name, vm);
@@ -533,7 +533,7 @@ fn progress_timeout_fails_and_guest_stays() {
         "progress timeout after {took:?}, {} iterations, {} bytes sent",
         done.passes, done.bytes_sent
     );
-    assert_failed_with(&c, &done, "progress_timeout");
+    assert_failed_with(&c, &done, FailureCode::ProgressTimeout);
     assert!(!done.abort_requested, "{done:?}");
     // Pass 0 finished (progress is measured against the dirty set after
     // it); the engine may stop inside the next iteration.
@@ -564,7 +564,7 @@ fn completion_timeout_fails_and_guest_stays() {
         "completion timeout after {took:?}, {} iterations, {} bytes sent",
         done.passes, done.bytes_sent
     );
-    assert_failed_with(&c, &done, "timeout");
+    assert_failed_with(&c, &done, FailureCode::Timeout);
     let limit = Duration::from_secs(per_gib);
     // Never before its time; after it, at most one chunk or iteration
     // (~4 s) plus the roll-back, with room for a loaded box.

@@ -15,7 +15,7 @@ use super::outgoing::{self, OutgoingContext};
 use super::peers::Peers;
 use super::table::{MigrationHandle, UpdateMigrationError};
 use crate::config::MigrationDefaults;
-use crate::model::{AbortStatus, MigrationConfiguration, MigrationOverrides, MigrationRecord};
+use crate::model::{FailureCode, MigrationConfiguration, MigrationOverrides, MigrationRecord};
 use crate::service::Service;
 
 /// Drives migrations. Implementations must return quickly from every
@@ -64,9 +64,6 @@ pub enum ResumeError {
     Record(#[source] UpdateMigrationError),
 }
 
-/// Code of migrations started while this host has no TLS identity.
-pub const NO_IDENTITY: &str = "tls_unavailable";
-
 /// The user's signals to a running migration.
 struct Signals {
     cancel: watch::Sender<bool>,
@@ -107,7 +104,7 @@ impl LiveMigrationEngine {
     }
 }
 
-fn fail_now(handle: &MigrationHandle, code: &str, reason: &str) {
+fn fail_now(handle: &MigrationHandle, code: FailureCode, reason: &str) {
     if let Err(e) = handle.update(|r| r.fail(code, reason)) {
         warn!(migration = handle.name(), error = %crate::error_chain(&e), "cannot record the failure");
     }
@@ -118,7 +115,7 @@ impl MigrationEngine for LiveMigrationEngine {
         let Some(peers) = self.peers.clone() else {
             fail_now(
                 &handle,
-                NO_IDENTITY,
+                FailureCode::TlsUnavailable,
                 "this host has no TLS identity: set [tls] ca, cert and key in the daemon's config",
             );
             return;
@@ -194,13 +191,6 @@ impl MigrationEngine for LiveMigrationEngine {
             return;
         }
         // Nothing runs for it (already finished): settle the abort.
-        let _ = handle.update(|r| {
-            if r.phase.is_final() {
-                r.abort_status = Some(AbortStatus::Failed);
-            } else {
-                r.abort_status = Some(AbortStatus::Succeeded);
-                r.fail("aborted", "migration was cancelled");
-            }
-        });
+        let _ = handle.update(MigrationRecord::settle_abort);
     }
 }

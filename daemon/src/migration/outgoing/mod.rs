@@ -29,7 +29,7 @@ use super::guestio::{
 };
 use super::peers::{ConnectPeerError, Peers};
 use super::table::MigrationHandle;
-use crate::model::{AbortStatus, MigrationPhase, MigrationRecord, Timestamp};
+use crate::model::{AbortStatus, FailureCode, MigrationPhase, MigrationRecord, Timestamp};
 use crate::model::{AutoConvergeStep, MigrationConfiguration, ThrottleStep};
 use crate::service::Service;
 
@@ -126,20 +126,20 @@ impl MigrateOutError {
     }
 
     /// The stable code stored in the record.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> FailureCode {
         use MigrateOutError::*;
         match self {
-            VmGone { .. } => "vm_not_found",
-            Connect(_) | Streams(_) => "target_unreachable",
-            Refused { code, .. } | Aborted { code, .. } => code.as_str(),
-            Transfer(e) if e.is_peer_lost() => "peer_lost",
-            Transfer(_) => "transfer_failed",
-            Vmm { .. } => "vmm_failed",
-            Layout(_) | Memory(_) | Internal { .. } => "internal",
-            ProgressTimeout { .. } => "progress_timeout",
-            CompletionTimeout { .. } => "timeout",
-            Cancelled => "aborted",
-            DigestMismatch => "digest_mismatch",
+            VmGone { .. } => FailureCode::VmNotFound,
+            Connect(_) | Streams(_) => FailureCode::TargetUnreachable,
+            Refused { code, .. } | Aborted { code, .. } => peer_failure_code(*code),
+            Transfer(e) if e.is_peer_lost() => FailureCode::PeerLost,
+            Transfer(_) => FailureCode::TransferFailed,
+            Vmm { .. } => FailureCode::VmmFailed,
+            Layout(_) | Memory(_) | Internal { .. } => FailureCode::Internal,
+            ProgressTimeout { .. } => FailureCode::ProgressTimeout,
+            CompletionTimeout { .. } => FailureCode::Timeout,
+            Cancelled => FailureCode::Aborted,
+            DigestMismatch => FailureCode::DigestMismatch,
         }
     }
 
@@ -150,6 +150,30 @@ impl MigrateOutError {
             MigrateOutError::CompletionTimeout { .. } => ReasonCode::Timeout,
             _ => ReasonCode::Internal,
         }
+    }
+}
+
+/// The record's code for a refusal or abort the target sent. A cancel is
+/// `aborted` whichever side it came from.
+fn peer_failure_code(code: ReasonCode) -> FailureCode {
+    match code {
+        ReasonCode::Unknown => FailureCode::Unknown,
+        ReasonCode::Cancelled => FailureCode::Aborted,
+        ReasonCode::Timeout => FailureCode::Timeout,
+        ReasonCode::ProgressTimeout => FailureCode::ProgressTimeout,
+        ReasonCode::PeerLost => FailureCode::PeerLost,
+        ReasonCode::BadFrame => FailureCode::BadFrame,
+        ReasonCode::BadCrc => FailureCode::BadCrc,
+        ReasonCode::OutOfRange => FailureCode::OutOfRange,
+        ReasonCode::VersionMismatch => FailureCode::VersionMismatch,
+        ReasonCode::Refused => FailureCode::Refused,
+        ReasonCode::NotEnoughMemory => FailureCode::NotEnoughMemory,
+        ReasonCode::VmExists => FailureCode::VmExists,
+        ReasonCode::Internal => FailureCode::Internal,
+        ReasonCode::Protocol => FailureCode::Protocol,
+        ReasonCode::Unauthorized => FailureCode::Unauthorized,
+        ReasonCode::Incompatible => FailureCode::Incompatible,
+        // TODO(i14-lower): ReasonCode::DigestMismatch => FailureCode::DigestMismatch
     }
 }
 
@@ -311,9 +335,10 @@ async fn migrate(
     Ok(())
 }
 
-/// The wire id of a migration (its uid's 128 bits).
+/// The wire id of a migration: its uid's 128 bits (parsed when the
+/// record was read, so it cannot be malformed here).
 fn migration_id(record: &MigrationRecord) -> MigrationId {
-    MigrationId(u128::from_str_radix(&record.uid.replace('-', ""), 16).unwrap_or(0))
+    MigrationId(record.uid.as_u128())
 }
 
 /// Connects to the target, opens the migration's streams and says hello.
@@ -1060,12 +1085,22 @@ mod tests {
 
     #[test]
     fn codes_are_stable() {
-        assert_eq!(MigrateOutError::Cancelled.code(), "aborted");
+        assert_eq!(MigrateOutError::Cancelled.code(), FailureCode::Aborted);
         let refused = MigrateOutError::Refused {
             code: ReasonCode::VmExists,
             message: "x".into(),
         };
-        assert_eq!(refused.code(), "vm_exists");
+        assert_eq!(refused.code(), FailureCode::VmExists);
         assert!(refused.to_string().contains("vm_exists"));
+    }
+
+    #[test]
+    fn peer_codes_keep_their_names_but_a_cancel_is_aborted() {
+        assert_eq!(peer_failure_code(ReasonCode::Cancelled), FailureCode::Aborted);
+        for code in ReasonCode::ALL {
+            if code != ReasonCode::Cancelled {
+                assert_eq!(peer_failure_code(code).as_str(), code.as_str());
+            }
+        }
     }
 }

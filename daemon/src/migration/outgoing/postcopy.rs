@@ -23,7 +23,7 @@ use super::{
     bitmap_ranges, migration_id, update, MigrateOutError, Progress, Transfer, BULK_STREAMS,
 };
 use crate::migration::guestio::{page_set_digest, PostCopyDigests, StateEnvelope};
-use crate::model::{codes, MigrationMode, MigrationPhase, Timestamp};
+use crate::model::{FailureCode, MigrationMode, MigrationPhase, Timestamp};
 
 /// Dial attempts after the link broke, before the record says
 /// `post_copy_interrupted` and waits for a manual resume.
@@ -301,7 +301,7 @@ impl Transfer<'_> {
         );
         warn!(%reason, "post-copy interrupted");
         update(self.handle, |r| {
-            r.fail(codes::POST_COPY_INTERRUPTED, reason)
+            r.fail(FailureCode::PostCopyInterrupted, reason)
         });
         let mut resume = self.ctx.resume.clone();
         let seen = *resume.borrow_and_update();

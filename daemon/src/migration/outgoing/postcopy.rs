@@ -64,8 +64,9 @@ impl Transfer<'_> {
                     r.mode = MigrationMode::PostCopy;
                 }
             })
-            .map_err(|e| MigrateOutError::Internal {
-                what: format!("cannot record the switch to post-copy: {e}"),
+            .map_err(|source| MigrateOutError::Record {
+                what: "the switch to post-copy",
+                source,
             })?;
         if cancelled {
             return Err(MigrateOutError::Cancelled);
@@ -94,12 +95,11 @@ impl Transfer<'_> {
                 })
             })
             .await
-            .map_err(|e| MigrateOutError::Internal {
-                what: format!("digest task: {e}"),
+            .map_err(|source| MigrateOutError::Task {
+                what: "digest",
+                source,
             })?
-            .map_err(|e| MigrateOutError::Internal {
-                what: format!("cannot digest guest memory: {e}"),
-            })?;
+            .map_err(MigrateOutError::Digest)?;
             digest_time = t.elapsed();
             Some(digests)
         } else {
@@ -114,10 +114,8 @@ impl Transfer<'_> {
         .encode();
         let missing = bitmap_ranges(&needed);
         let missing_pages = needed.count();
-        let (passes, sent) = (p.passes, p.bytes_sent);
         update(self.handle, |r| {
-            r.passes = passes;
-            r.bytes_sent = sent;
+            p.write_to(r);
             r.bytes_remaining = missing_pages * super::PAGE;
         });
         info!(missing_pages, "sending the state for post-copy");
@@ -171,7 +169,7 @@ impl Transfer<'_> {
                 Ok(()) => break,
                 Err(e) => e,
             };
-            if !recoverable(&e) {
+            if !crate::migration::recoverable(&e) {
                 if !downtime_recorded && peer_aborted(&e) {
                     // The target gave up before it ran the guest: it is
                     // still whole here.
@@ -314,11 +312,6 @@ impl Transfer<'_> {
             r.end_timestamp = None;
         });
     }
-}
-
-/// Errors a new connection can cure: the link, not the peer's will.
-fn recoverable(e: &DriverError) -> bool {
-    matches!(e, DriverError::Transport { .. } | DriverError::StreamsEnded)
 }
 
 /// The target aborted the migration itself.

@@ -14,8 +14,6 @@ pub use crate::quantity::{HumanDuration, ParseAmountError, Quantity};
 
 /// Longest VM name: a DNS label, so a name is also safe as a path component.
 pub const MAX_NAME_LEN: usize = 63;
-/// Most vCPUs the built-in workload VMM supports.
-pub const MAX_VCPUS: u32 = 256;
 /// Smallest guest RAM the VMM can lay out.
 pub const MIN_MEMORY: Quantity = Quantity::mib(16);
 
@@ -248,6 +246,10 @@ impl VmSpec {
         1
     }
 
+    /// Checks what the API itself defines: names, labels and the memory
+    /// size. Whether the VMM can run the workload (vCPUs, working set) is
+    /// the VMM's to say; the daemon checks that against the VMM's own
+    /// limits before it launches anything (`supervisor::check_workload`).
     pub fn validate(&self) -> Result<(), InvalidSpecError> {
         check_name("vm name", &self.name)?;
         let key_ok = |k: &str| {
@@ -267,18 +269,6 @@ impl VmSpec {
         }
         if !self.memory.bytes().is_multiple_of(4096) {
             return Err(InvalidSpecError::MemoryNotPageAligned {
-                memory: self.memory,
-            });
-        }
-        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(InvalidSpecError::Vcpus {
-                vcpus: self.vcpus,
-                max: MAX_VCPUS,
-            });
-        }
-        if self.workload.wss > self.memory {
-            return Err(InvalidSpecError::WssTooLarge {
-                wss: self.workload.wss,
                 memory: self.memory,
             });
         }
@@ -1005,9 +995,6 @@ mod tests {
     fn spec_validation() {
         assert_eq!(spec().validate(), Ok(()));
         let mut s = spec();
-        s.vcpus = 0;
-        assert!(matches!(s.validate(), Err(InvalidSpecError::Vcpus { .. })));
-        let mut s = spec();
         s.memory = Quantity(1 << 20);
         assert!(matches!(
             s.validate(),
@@ -1018,12 +1005,6 @@ mod tests {
         assert!(matches!(
             s.validate(),
             Err(InvalidSpecError::MemoryNotPageAligned { .. })
-        ));
-        let mut s = spec();
-        s.workload.wss = Quantity(2 << 30);
-        assert!(matches!(
-            s.validate(),
-            Err(InvalidSpecError::WssTooLarge { .. })
         ));
         let mut s = spec();
         s.labels.insert("bad key".into(), "x".into());

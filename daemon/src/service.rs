@@ -22,7 +22,7 @@ use crate::model::{
 use crate::store::{
     DeleteRecordError, DesiredState, ListRecordsError, SaveRecordError, Store, VmRecord,
 };
-use crate::supervisor::{LaunchError, ProbeError, StopError, VmBackend};
+use crate::supervisor::{check_workload, LaunchError, ProbeError, StopError, VmBackend};
 
 /// Why an API operation was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -430,6 +430,7 @@ impl Service {
 
     pub fn create_vm(&self, spec: VmSpec) -> Result<Vm, ServiceError> {
         spec.validate().map_err(ServiceError::InvalidSpec)?;
+        check_workload(&spec).map_err(ServiceError::InvalidSpec)?;
         let name = spec.name.clone();
         let mut record = VmRecord {
             spec,

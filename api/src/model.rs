@@ -430,8 +430,21 @@ pub enum AbortStatus {
 /// name (`vm_exists`, `not_enough_memory` ...). A cancel is `aborted`
 /// whichever side it came from (KubeVirt's word); records written before
 /// that rename said `cancelled` for a target's cancel and still load.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Copy,
+    Clone,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::Display,
+)]
+#[cfg_attr(test, derive(strum::EnumIter))]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum FailureCode {
     /// The user cancelled it (or the target did).
     #[serde(alias = "cancelled")]
@@ -487,40 +500,7 @@ pub enum FailureCode {
 impl FailureCode {
     /// The JSON form.
     pub fn as_str(self) -> &'static str {
-        use FailureCode::*;
-        match self {
-            Aborted => "aborted",
-            Timeout => "timeout",
-            ProgressTimeout => "progress_timeout",
-            PeerLost => "peer_lost",
-            TargetUnreachable => "target_unreachable",
-            TransferFailed => "transfer_failed",
-            VmNotFound => "vm_not_found",
-            VmmFailed => "vmm_failed",
-            DigestMismatch => "digest_mismatch",
-            DaemonRestarted => "daemon_restarted",
-            PostCopyInterrupted => "post_copy_interrupted",
-            TlsUnavailable => "tls_unavailable",
-            EngineUnavailable => "engine_unavailable",
-            VmExists => "vm_exists",
-            NotEnoughMemory => "not_enough_memory",
-            Refused => "refused",
-            BadFrame => "bad_frame",
-            BadCrc => "bad_crc",
-            OutOfRange => "out_of_range",
-            VersionMismatch => "version_mismatch",
-            Protocol => "protocol",
-            Unauthorized => "unauthorized",
-            Incompatible => "incompatible",
-            Internal => "internal",
-            Unknown => "unknown",
-        }
-    }
-}
-
-impl fmt::Display for FailureCode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        self.into()
     }
 }
 
@@ -1104,41 +1084,15 @@ mod tests {
 
     #[test]
     fn failure_codes_are_snake_case_strings() {
+        use strum::IntoEnumIterator;
         let mut r = MigrationRecord::new_pending("v", "a", "b", "b:1");
         r.fail(FailureCode::PostCopyInterrupted, "link lost");
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["failureCode"], "post_copy_interrupted");
-        use FailureCode::*;
-        let all = [
-            Aborted,
-            Timeout,
-            ProgressTimeout,
-            PeerLost,
-            TargetUnreachable,
-            TransferFailed,
-            VmNotFound,
-            VmmFailed,
-            DigestMismatch,
-            DaemonRestarted,
-            PostCopyInterrupted,
-            TlsUnavailable,
-            EngineUnavailable,
-            VmExists,
-            NotEnoughMemory,
-            Refused,
-            BadFrame,
-            BadCrc,
-            OutOfRange,
-            VersionMismatch,
-            Protocol,
-            Unauthorized,
-            Incompatible,
-            Internal,
-            Unknown,
-        ];
-        for code in all {
+        for code in FailureCode::iter() {
             let text = serde_json::to_string(&code).unwrap();
             assert_eq!(text, format!("\"{}\"", code.as_str()));
+            assert_eq!(code.to_string(), code.as_str());
             assert_eq!(serde_json::from_str::<FailureCode>(&text).unwrap(), code);
         }
         // Records from before the rename, and codes from a newer peer.

@@ -27,8 +27,8 @@ use clap::{Args, ValueEnum};
 use migrated_api::client::ApiClient;
 use migrated_api::config::Config;
 use migrated_api::model::{
-    DirtyMode, DirtyRate, FailureCode, GuestCounters, MigrationOverrides, MigrationPhase, Quantity,
-    VmPhase, VmSpec, WorkloadSpec,
+    DirtyRate, FailureCode, GuestCounters, MigrationOverrides, MigrationPhase, Quantity, VmPhase,
+    VmSpec, WorkloadSpec,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -277,10 +277,7 @@ async fn scenario(c: &mut Cluster, bins: &Binaries, a: &DemoArgs, output: Output
         workload: WorkloadSpec {
             wss: a.wss,
             dirty_rate: a.dirty_rate,
-            mode: match a.mode {
-                ModeArg::Sparse => DirtyMode::Sparse,
-                ModeArg::Full => DirtyMode::Full,
-            },
+            mode: a.mode.into(),
             seed: 1,
         },
     };

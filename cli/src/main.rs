@@ -121,6 +121,15 @@ enum ModeArg {
     Full,
 }
 
+impl From<ModeArg> for DirtyMode {
+    fn from(m: ModeArg) -> Self {
+        match m {
+            ModeArg::Sparse => DirtyMode::Sparse,
+            ModeArg::Full => DirtyMode::Full,
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 struct CreateArgs {
     /// VM name: lower-case letters, digits and '-'.
@@ -295,10 +304,7 @@ async fn run(cli: Cli) -> Result<()> {
                 workload: WorkloadSpec {
                     wss: a.wss,
                     dirty_rate: a.dirty_rate,
-                    mode: match a.mode {
-                        ModeArg::Sparse => DirtyMode::Sparse,
-                        ModeArg::Full => DirtyMode::Full,
-                    },
+                    mode: a.mode.into(),
                     seed: a.seed,
                 },
             };

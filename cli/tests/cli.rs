@@ -257,12 +257,7 @@ fn vm_commands_and_output_formats() {
 #[test]
 fn migrate_without_engine_fails_with_the_reason() {
     let d = TestDaemon::start(Arc::new(UnavailableEngine));
-    assert_eq!(
-        d.ctl(&["vm", "create", "db", "--memory", "64Mi"])
-            .status
-            .code(),
-        Some(0)
-    );
+    create_vm(&d, "db");
     let o = d.ctl(&["migrate", "db", "--to", "host-b", "--wait"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
@@ -302,12 +297,7 @@ fn migrate_without_engine_fails_with_the_reason() {
 #[test]
 fn second_migration_is_refused_and_cancel_works() {
     let d = TestDaemon::start(Arc::new(HoldingEngine::default()));
-    assert_eq!(
-        d.ctl(&["vm", "create", "db", "--memory", "64Mi"])
-            .status
-            .code(),
-        Some(0)
-    );
+    create_vm(&d, "db");
     let o = d.ctl(&["-o", "json", "migrate", "db", "--to", "host-b"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let m: MigrationRecord = serde_json::from_slice(&o.stdout).unwrap();
@@ -355,12 +345,7 @@ impl MigrationEngine for InstantEngine {
 #[test]
 fn successful_migration_exits_0() {
     let d = TestDaemon::start(Arc::new(InstantEngine));
-    assert_eq!(
-        d.ctl(&["vm", "create", "db", "--memory", "64Mi"])
-            .status
-            .code(),
-        Some(0)
-    );
+    create_vm(&d, "db");
     let o = d.ctl(&["migrate", "db", "--to", "host-b", "--wait"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let out = stdout(&o);

@@ -528,21 +528,30 @@ impl Service {
         }
     }
 
-    pub fn stop_vm(&self, name: &str) -> Result<Vm, ServiceError> {
-        let mut record = self.begin(name, "stop", true)?;
+    /// Stops the VMM of `name`, which `begin` holds. On failure the VM is
+    /// released in the phase it had and the error returned.
+    fn shut_down(&self, name: &str, record: VmRecord) -> Result<VmRecord, ServiceError> {
         let paths = self.store.vm_paths(name);
-        if let Err(source) = self.backend.shutdown(&paths) {
-            let phase = self
-                .lock_vms()
-                .get(name)
-                .map(|e| e.phase)
-                .unwrap_or(VmPhase::Failed);
-            self.finish(name, record, phase, None);
-            return Err(ServiceError::Stop {
-                name: name.into(),
-                source,
-            });
+        match self.backend.shutdown(&paths) {
+            Ok(()) => Ok(record),
+            Err(source) => {
+                let phase = self
+                    .lock_vms()
+                    .get(name)
+                    .map(|e| e.phase)
+                    .unwrap_or(VmPhase::Failed);
+                self.finish(name, record, phase, None);
+                Err(ServiceError::Stop {
+                    name: name.into(),
+                    source,
+                })
+            }
         }
+    }
+
+    pub fn stop_vm(&self, name: &str) -> Result<Vm, ServiceError> {
+        let record = self.begin(name, "stop", true)?;
+        let mut record = self.shut_down(name, record)?;
         record.desired = DesiredState::Stopped;
         record.pid = None;
         record.failure = None;
@@ -555,20 +564,7 @@ impl Service {
 
     pub fn delete_vm(&self, name: &str) -> Result<(), ServiceError> {
         let record = self.begin(name, "delete", true)?;
-        let paths = self.store.vm_paths(name);
-        let stopped = self.backend.shutdown(&paths);
-        if let Err(source) = stopped {
-            let phase = self
-                .lock_vms()
-                .get(name)
-                .map(|e| e.phase)
-                .unwrap_or(VmPhase::Failed);
-            self.finish(name, record, phase, None);
-            return Err(ServiceError::Stop {
-                name: name.into(),
-                source,
-            });
-        }
+        let record = self.shut_down(name, record)?;
         if let Err(e) = self.store.delete_vm(name) {
             self.finish(name, record, VmPhase::Stopped, None);
             return Err(ServiceError::Delete(e));
@@ -656,8 +652,13 @@ impl Service {
             .ok_or_else(|| ServiceError::MigrationNotFound { name: name.into() })
     }
 
-    /// Asks the engine to cancel a pending or running migration.
-    pub fn cancel_migration(&self, name: &str) -> Result<MigrationRecord, ServiceError> {
+    /// The record of `name` if it is still in flight and in pre-copy;
+    /// `in_post_copy` says why one in post-copy is refused.
+    fn running_pre_copy(
+        &self,
+        name: &str,
+        in_post_copy: impl FnOnce(MigrationRecord) -> ServiceError,
+    ) -> Result<MigrationRecord, ServiceError> {
         let current = self.get_migration(name)?;
         if current.phase.is_final() {
             return Err(ServiceError::MigrationFinished {
@@ -666,11 +667,17 @@ impl Service {
             });
         }
         if current.mode == MigrationMode::PostCopy {
-            return Err(ServiceError::CancelInPostCopy {
-                name: name.into(),
-                target: current.target_host,
-            });
+            return Err(in_post_copy(current));
         }
+        Ok(current)
+    }
+
+    /// Asks the engine to cancel a pending or running migration.
+    pub fn cancel_migration(&self, name: &str) -> Result<MigrationRecord, ServiceError> {
+        let current = self.running_pre_copy(name, |m| ServiceError::CancelInPostCopy {
+            name: name.into(),
+            target: m.target_host,
+        })?;
         let handle = self.migrations.handle(name);
         // The engine re-checks under the record's lock: a switch to
         // post-copy racing with this cancel loses (see `outgoing`).
@@ -727,16 +734,9 @@ impl Service {
 
     /// Asks the engine to switch a running pre-copy migration to post-copy.
     pub fn switch_migration(&self, name: &str) -> Result<MigrationRecord, ServiceError> {
-        let current = self.get_migration(name)?;
-        if current.phase.is_final() {
-            return Err(ServiceError::MigrationFinished {
-                name: name.into(),
-                phase: current.phase,
-            });
-        }
-        if current.mode == MigrationMode::PostCopy {
-            return Err(ServiceError::AlreadyPostCopy { name: name.into() });
-        }
+        self.running_pre_copy(name, |_| ServiceError::AlreadyPostCopy {
+            name: name.into(),
+        })?;
         let handle = self.migrations.handle(name);
         handle
             .update(|r| r.switch_requested = true)

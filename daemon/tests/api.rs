@@ -52,6 +52,15 @@ impl Daemon {
         }
     }
 
+    /// A daemon with a fake VMM and a [`HoldingEngine`], which keeps every
+    /// migration in flight.
+    async fn holding(state: &Path) -> (Daemon, Arc<FakeBackend>, Arc<HoldingEngine>) {
+        let backend = Arc::new(FakeBackend::default());
+        let engine = Arc::new(HoldingEngine::default());
+        let d = Daemon::start(state, backend.clone(), engine.clone()).await;
+        (d, backend, engine)
+    }
+
     async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
         self.task.take().unwrap().await.unwrap().unwrap();
@@ -237,9 +246,7 @@ async fn raw_post(socket: &Path, path: &str, body: &str) -> String {
 #[tokio::test]
 async fn one_active_migration_per_vm() {
     let tmp = tempfile::tempdir().unwrap();
-    let backend = Arc::new(FakeBackend::default());
-    let engine = Arc::new(HoldingEngine::default());
-    let d = Daemon::start(tmp.path(), backend.clone(), engine.clone()).await;
+    let (d, _, engine) = Daemon::holding(tmp.path()).await;
     let c = &d.client;
     c.create_vm(&spec("db")).await.unwrap();
 
@@ -365,9 +372,7 @@ async fn without_an_engine_migrations_fail_clearly() {
 #[tokio::test]
 async fn restart_reattaches_and_reports_lost_guests() {
     let tmp = tempfile::tempdir().unwrap();
-    let backend = Arc::new(FakeBackend::default());
-    let engine = Arc::new(HoldingEngine::default());
-    let d = Daemon::start(tmp.path(), backend.clone(), engine.clone()).await;
+    let (d, backend, engine) = Daemon::holding(tmp.path()).await;
     d.client.create_vm(&spec("keep")).await.unwrap();
     d.client.create_vm(&spec("lost")).await.unwrap();
     d.client.create_vm(&spec("off")).await.unwrap();
@@ -442,9 +447,7 @@ async fn socket_binding_replaces_stale_but_not_live_sockets() {
 async fn options_switch_and_cancel_in_post_copy() {
     use migrated::model::{MigrationMode, MigrationOverrides};
     let tmp = tempfile::tempdir().unwrap();
-    let backend = Arc::new(FakeBackend::default());
-    let engine = Arc::new(HoldingEngine::default());
-    let d = Daemon::start(tmp.path(), backend.clone(), engine.clone()).await;
+    let (d, _, engine) = Daemon::holding(tmp.path()).await;
     let c = &d.client;
     c.create_vm(&spec("db")).await.unwrap();
 

@@ -12,12 +12,12 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use e2e::linkcut::{nft_available, CutMethod, LinkCut};
-use e2e::netns::{NetnsPair, ADDR_A, ADDR_B};
-use e2e::{kvm_or_skip, stderr, Cluster, HostSpec};
+use e2e::netns::NetnsPair;
+use e2e::{kvm_or_skip, stderr, Cluster};
 use migrated_api::config::Config;
 use migrated_api::model::{
     AbortStatus, FailureCode, HumanDuration, MigrationOverrides, MigrationPhase, MigrationRecord,
-    MigrationRequest, Quantity, VmPhase,
+    Quantity, VmPhase,
 };
 use transport::endpoint::Keepalive;
 
@@ -57,14 +57,7 @@ fn migrate_with(
     verify: bool,
     options: MigrationOverrides,
 ) -> MigrationRecord {
-    let req = MigrationRequest {
-        vm: vm.into(),
-        target_host: B.into(),
-        verify,
-        options,
-    };
-    c.block_on(c.client(A).create_migration(&req))
-        .unwrap_or_else(|e| panic!("create migration of {vm}: {e}\n{}", c.node(A).log_tail(20)))
+    c.start_migration(A, B, vm, verify, options)
 }
 
 fn migrate(c: &Cluster, vm: &str) -> MigrationRecord {
@@ -170,26 +163,11 @@ fn netns_or_skip(test: &str) -> Option<NetnsPair> {
 /// Daemons in `ns` with keepalive `k` and a bandwidth cap, so a migration
 /// of [`create_filled_vm`]'s guest runs for several seconds.
 fn keepalive_cluster(ns: &NetnsPair, k: Keepalive) -> Cluster {
-    Cluster::start(
-        vec![
-            HostSpec {
-                name: A,
-                listen: (ADDR_A, 7878).into(),
-                netns: Some(ns.a.clone()),
-            },
-            HostSpec {
-                name: B,
-                listen: (ADDR_B, 7878).into(),
-                netns: Some(ns.b.clone()),
-            },
-        ],
-        |c: &mut Config| {
-            c.migration.keepalive_interval =
-                HumanDuration::from_millis(k.interval.as_millis() as u64);
-            c.migration.keepalive_count = k.count;
-            c.migration.bandwidth_per_migration = Quantity::mib(32);
-        },
-    )
+    Cluster::in_netns(ns, |c: &mut Config| {
+        c.migration.keepalive_interval = HumanDuration::from_millis(k.interval.as_millis() as u64);
+        c.migration.keepalive_count = k.count;
+        c.migration.bandwidth_per_migration = Quantity::mib(32);
+    })
 }
 
 /// 256 MiB of incompressible data that the guest then only verifies: pass

@@ -612,13 +612,7 @@ impl Transfer<'_> {
         pending: DirtyBitmap,
     ) -> Result<(), MigrateOutError> {
         let t0 = Instant::now();
-        self.vmm.call("pause", |c| c.pause()).await?;
-        self.paused = true;
-        let mut dirty = self
-            .vmm
-            .call("dirty_log_fetch", |c| c.dirty_log_fetch())
-            .await?;
-        dirty.merge(&pending);
+        let dirty = self.pause(&pending).await?;
         let ranges = bitmap_ranges(&dirty);
         self.pass(&mut p, &ranges, &[]).await?;
         p.passes += 1;
@@ -669,6 +663,19 @@ impl Transfer<'_> {
             }
         });
         Ok(())
+    }
+
+    /// Pauses the guest; returns the pages it dirtied since the last fetch
+    /// plus `pending` (pages known stale on the target).
+    async fn pause(&mut self, pending: &DirtyBitmap) -> Result<DirtyBitmap, MigrateOutError> {
+        self.vmm.call("pause", |c| c.pause()).await?;
+        self.paused = true;
+        let mut dirty = self
+            .vmm
+            .call("dirty_log_fetch", |c| c.dirty_log_fetch())
+            .await?;
+        dirty.merge(pending);
+        Ok(dirty)
     }
 
     /// Compression policy: zstd and XOR deltas cost CPU (zstd ~0.2-0.3

@@ -73,13 +73,7 @@ impl Transfer<'_> {
         }
         info!(why, "switching to post-copy");
         let t0 = Instant::now();
-        self.vmm.call("pause", |c| c.pause()).await?;
-        self.paused = true;
-        let mut needed = self
-            .vmm
-            .call("dirty_log_fetch", |c| c.dirty_log_fetch())
-            .await?;
-        needed.merge(&pending);
+        let needed = self.pause(&pending).await?;
         if self.throttled {
             self.remove_throttle().await;
         }

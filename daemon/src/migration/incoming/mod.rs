@@ -165,7 +165,7 @@ async fn receive(
                 .map_err(MigrateInError::Transfer)?;
             match event {
                 DestEvent::Hello(hello) => {
-                    Span::current().record("id", hello.migration_id.as_str());
+                    Span::current().record("id", field::display(&hello.migration_id));
                     let svc = service.clone();
                     let sup = vmm.clone();
                     let prep = tokio::task::spawn_blocking(move || prepare(&hello, &svc, &sup))

@@ -335,6 +335,7 @@ impl PostCopy<'_> {
             p99_us = latency.p99.map(|d| d.as_micros() as u64),
             "post-copy complete: every page is here"
         );
+        // TODO(i14-lower): the `PostcopyReport` digest enum replaces 0/1/2.
         let mut digest = 0;
         if let (Some(d), Some(got)) = (envelope.post_copy, sink.digest) {
             if got == d.needed {

@@ -211,6 +211,7 @@ impl Transfer<'_> {
                     rec.fault_latency_p50_us = us(r.p50_us);
                     rec.fault_latency_p99_us = us(r.p99_us);
                     if verify {
+                        // TODO(i14-lower): match the `PostcopyReport` digest enum.
                         rec.memory_digest_matched = match r.digest {
                             1 => Some(true),
                             2 => Some(false),

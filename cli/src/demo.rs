@@ -24,11 +24,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
-use migrated::client::ApiClient;
-use migrated::config::Config;
-use migrated::model::{
-    codes, DirtyMode, DirtyRate, GuestCounters, MigrationOverrides, MigrationPhase, Quantity,
-    VmPhase, VmSpec, WorkloadSpec,
+use migrated_api::client::ApiClient;
+use migrated_api::config::Config;
+use migrated_api::model::{
+    DirtyRate, FailureCode, GuestCounters, MigrationOverrides, MigrationPhase, Quantity, VmPhase,
+    VmSpec, WorkloadSpec,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -277,10 +277,7 @@ async fn scenario(c: &mut Cluster, bins: &Binaries, a: &DemoArgs, output: Output
         workload: WorkloadSpec {
             wss: a.wss,
             dirty_rate: a.dirty_rate,
-            mode: match a.mode {
-                ModeArg::Sparse => DirtyMode::Sparse,
-                ModeArg::Full => DirtyMode::Full,
-            },
+            mode: a.mode.into(),
             seed: 1,
         },
     };
@@ -334,7 +331,7 @@ async fn scenario(c: &mut Cluster, bins: &Binaries, a: &DemoArgs, output: Output
             "migration {} {} ({}): {}",
             m.name,
             m.phase,
-            m.failure_code.as_deref().unwrap_or("no code"),
+            m.failure_code.map_or("no code", FailureCode::as_str),
             m.failure_reason.as_deref().unwrap_or("no reason recorded")
         );
         if m.post_copy_start_timestamp.is_none() {
@@ -350,7 +347,7 @@ async fn scenario(c: &mut Cluster, bins: &Binaries, a: &DemoArgs, output: Output
                 .with_context(|| format!("{why}, and the guest is not running on {HOST_A}"))?;
             say.line(format_args!("the guest kept running on {HOST_A}"));
         } else {
-            let resume = if m.failure_code.as_deref() == Some(codes::POST_COPY_INTERRUPTED) {
+            let resume = if m.failure_code == Some(FailureCode::PostCopyInterrupted) {
                 format!(
                     " (outside the demo, `migratectl migrate --resume {}` continues it)",
                     m.name

@@ -20,9 +20,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use migrated::client::{ApiCallError, ApiClient};
-use migrated::config::{DEFAULT_API_SOCKET, DEFAULT_CONFIG_PATH};
-use migrated::model::{
+use migrated_api::client::{ApiCallError, ApiClient};
+use migrated_api::config::{DEFAULT_API_SOCKET, DEFAULT_CONFIG_PATH};
+use migrated_api::model::{
     DirtyMode, DirtyRate, MigrationPhase, MigrationRecord, MigrationRequest, Quantity, VmSpec,
     WorkloadSpec,
 };
@@ -119,6 +119,15 @@ enum VmCommand {
 enum ModeArg {
     Sparse,
     Full,
+}
+
+impl From<ModeArg> for DirtyMode {
+    fn from(m: ModeArg) -> Self {
+        match m {
+            ModeArg::Sparse => DirtyMode::Sparse,
+            ModeArg::Full => DirtyMode::Full,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -295,10 +304,7 @@ async fn run(cli: Cli) -> Result<()> {
                 workload: WorkloadSpec {
                     wss: a.wss,
                     dirty_rate: a.dirty_rate,
-                    mode: match a.mode {
-                        ModeArg::Sparse => DirtyMode::Sparse,
-                        ModeArg::Full => DirtyMode::Full,
-                    },
+                    mode: a.mode.into(),
                     seed: a.seed,
                 },
             };

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::time::SystemTime;
 
-use migrated::model::{
+use migrated_api::model::{
     ConditionStatus, MigrationConfiguration, MigrationMode, MigrationRecord, ThrottleStep,
     Timestamp, Vm,
 };
@@ -187,7 +187,7 @@ pub fn describe_migration(m: &MigrationRecord) -> String {
         );
     };
     kv(0, "Name", m.name.clone());
-    kv(0, "UID", m.uid.clone());
+    kv(0, "UID", m.uid.to_string());
     kv(0, "VM", m.vm.clone());
     kv(0, "Phase", m.phase.to_string());
     kv(0, "Created", m.creation_timestamp.to_string());
@@ -199,14 +199,14 @@ pub fn describe_migration(m: &MigrationRecord) -> String {
     kv("End Timestamp", opt(m.end_timestamp));
     kv(
         "Completed",
-        (m.phase == migrated::model::MigrationPhase::Succeeded).to_string(),
+        (m.phase == migrated_api::model::MigrationPhase::Succeeded).to_string(),
     );
     kv(
         "Failed",
-        (m.phase == migrated::model::MigrationPhase::Failed).to_string(),
+        (m.phase == migrated_api::model::MigrationPhase::Failed).to_string(),
     );
     if let Some(code) = &m.failure_code {
-        kv("Failure Code", code.clone());
+        kv("Failure Code", code.to_string());
     }
     kv("Failure Reason", opt(m.failure_reason.as_ref()));
     kv("Abort Requested", m.abort_requested.to_string());

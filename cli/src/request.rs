@@ -4,7 +4,7 @@
 //! applies rather than a value the CLI made up.
 
 use clap::{Args, ValueEnum};
-use migrated::model::{
+use migrated_api::model::{
     AutoConvergeStep, HumanDuration, MigrationOverrides, MigrationRequest, Quantity,
 };
 

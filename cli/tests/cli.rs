@@ -6,14 +6,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
 
-use migrated::engine::{MigrationEngine, MigrationHandle, UnavailableEngine};
+use migrated::migration::engine::ResumeError;
+use migrated::migration::{MigrationEngine, MigrationHandle};
 use migrated::model::{
-    codes, AbortStatus, HumanDuration, MigrationConfiguration, MigrationMode, MigrationOverrides,
-    MigrationPhase, MigrationRecord, ThrottleStep, Timestamp,
+    AbortStatus, FailureCode, HumanDuration, MigrationConfiguration, MigrationMode,
+    MigrationOverrides, MigrationPhase, MigrationRecord, ThrottleStep, Timestamp,
 };
 use migrated::service::Service;
 use migrated::store::Store;
-use migrated::testing::{FakeBackend, HoldingEngine};
+use migrated::testing::{FakeBackend, HoldingEngine, UnavailableEngine};
 
 /// A daemon serving on a socket in a temp dir until dropped.
 struct TestDaemon {
@@ -256,12 +257,7 @@ fn vm_commands_and_output_formats() {
 #[test]
 fn migrate_without_engine_fails_with_the_reason() {
     let d = TestDaemon::start(Arc::new(UnavailableEngine));
-    assert_eq!(
-        d.ctl(&["vm", "create", "db", "--memory", "64Mi"])
-            .status
-            .code(),
-        Some(0)
-    );
+    create_vm(&d, "db");
     let o = d.ctl(&["migrate", "db", "--to", "host-b", "--wait"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
@@ -301,12 +297,7 @@ fn migrate_without_engine_fails_with_the_reason() {
 #[test]
 fn second_migration_is_refused_and_cancel_works() {
     let d = TestDaemon::start(Arc::new(HoldingEngine::default()));
-    assert_eq!(
-        d.ctl(&["vm", "create", "db", "--memory", "64Mi"])
-            .status
-            .code(),
-        Some(0)
-    );
+    create_vm(&d, "db");
     let o = d.ctl(&["-o", "json", "migrate", "db", "--to", "host-b"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let m: MigrationRecord = serde_json::from_slice(&o.stdout).unwrap();
@@ -334,7 +325,7 @@ fn second_migration_is_refused_and_cancel_works() {
 struct InstantEngine;
 
 impl MigrationEngine for InstantEngine {
-    fn start(&self, _record: MigrationRecord, handle: MigrationHandle) {
+    fn start(&self, _record: MigrationRecord, handle: MigrationHandle, _service: Arc<Service>) {
         handle
             .update(|r| {
                 r.start_timestamp = Some(Timestamp::now());
@@ -354,12 +345,7 @@ impl MigrationEngine for InstantEngine {
 #[test]
 fn successful_migration_exits_0() {
     let d = TestDaemon::start(Arc::new(InstantEngine));
-    assert_eq!(
-        d.ctl(&["vm", "create", "db", "--memory", "64Mi"])
-            .status
-            .code(),
-        Some(0)
-    );
+    create_vm(&d, "db");
     let o = d.ctl(&["migrate", "db", "--to", "host-b", "--wait"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let out = stdout(&o);
@@ -552,7 +538,7 @@ impl MigrationEngine for ScriptEngine {
         })
     }
 
-    fn start(&self, record: MigrationRecord, handle: MigrationHandle) {
+    fn start(&self, record: MigrationRecord, handle: MigrationHandle, _service: Arc<Service>) {
         handle
             .update(|r| {
                 r.start_timestamp = Some(Timestamp::now());
@@ -579,7 +565,7 @@ impl MigrationEngine for ScriptEngine {
                     "pc" => post_copy_numbers(r),
                     "cut" => {
                         post_copy_numbers(r);
-                        r.fail(codes::POST_COPY_INTERRUPTED, "link to host-b lost");
+                        r.fail(FailureCode::PostCopyInterrupted, "link to host-b lost");
                     }
                     _ => {}
                 }
@@ -590,7 +576,7 @@ impl MigrationEngine for ScriptEngine {
     fn abort(&self, handle: MigrationHandle) {
         let _ = handle.update(|r| {
             r.abort_status = Some(AbortStatus::Succeeded);
-            r.fail("aborted", "migration was cancelled");
+            r.fail(FailureCode::Aborted, "migration was cancelled");
         });
     }
 
@@ -606,7 +592,7 @@ impl MigrationEngine for ScriptEngine {
             .unwrap();
     }
 
-    fn resume(&self, _record: MigrationRecord, handle: MigrationHandle) -> Result<(), String> {
+    fn resume(&self, _record: MigrationRecord, handle: MigrationHandle) -> Result<(), ResumeError> {
         handle
             .update(|r| {
                 r.reconnects += 1;
@@ -616,7 +602,7 @@ impl MigrationEngine for ScriptEngine {
                 r.end_timestamp = Some(Timestamp::now());
             })
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(ResumeError::Record)
     }
 }
 
@@ -804,10 +790,7 @@ fn post_copy_cannot_be_cancelled_but_an_interrupted_one_resumes() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("link to host-b lost"), "{}", stderr(&o));
     let failed: MigrationRecord = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(
-        failed.failure_code.as_deref(),
-        Some(codes::POST_COPY_INTERRUPTED)
-    );
+    assert_eq!(failed.failure_code, Some(FailureCode::PostCopyInterrupted));
     let o = d.ctl(&["migrate", "--resume", &failed.name, "--wait"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let text = stdout(&o);

@@ -78,7 +78,7 @@ impl From<JsonRejection> for ApiError {
             StatusCode::BAD_REQUEST,
             codes::INVALID_ARGUMENT,
             format!("bad request body: {}", r.body_text()),
-            Some("the body must be JSON of the documented shape (see daemon/src/model.rs)".into()),
+            Some("the body must be JSON of the documented shape (see api/src/model.rs)".into()),
         )
     }
 }

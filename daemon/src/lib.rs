@@ -1,27 +1,24 @@
-//! `migrated`, the per-host daemon: its config, the local API and its
-//! client, VM supervision through `migrate-vmm` processes, and persisted
-//! VM and migration records, and the pre-copy migration engine (`precopy`,
-//! `outgoing`, `incoming`, over `peers`). `model` holds the API types
-//! `migratectl` shares.
+//! `migrated`, the per-host daemon: the local API (`api`, `service`), VM
+//! supervision through `migrate-vmm` processes (`supervisor`), persisted
+//! VM and migration records (`store`), and live migration (`migration`:
+//! the engine, the records table, the source and target sides).
+//!
+//! The API types, the client and the config file come from the
+//! `migrated-api` crate and are re-exported here under their old paths.
 
 #![forbid(unsafe_code)]
 
+// In their own crate so that `migratectl` does not link the engine.
+pub use migrated_api::{client, config, model, quantity};
+
 pub mod api;
-pub mod client;
 pub mod cluster;
-pub mod config;
-pub mod engine;
-pub mod guestio;
-pub mod incoming;
-pub mod model;
-pub mod outgoing;
-pub mod peers;
-pub mod precopy;
+pub mod migration;
 pub mod qemu;
-pub mod quantity;
 pub mod service;
 pub mod store;
 pub mod supervisor;
+#[cfg(feature = "testing")]
 pub mod testing;
 
 /// An error and its sources as one line: `a: b: c`.

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Parser;
 use migrated::config::{Config, DEFAULT_CONFIG_PATH};
-use migrated::peers::Peers;
-use migrated::precopy::PrecopyEngine;
+use migrated::migration::peers::Peers;
+use migrated::migration::LiveMigrationEngine;
 use migrated::service::Service;
 use migrated::store::Store;
 use migrated::supervisor::VmmSupervisor;
@@ -89,7 +89,7 @@ fn run(cli: Cli) -> Result<()> {
         let host = config.host_name.clone();
         let peers = config.peers.clone();
         let endpoint = bind_endpoint(&config)?;
-        let engine = Arc::new(PrecopyEngine::new(
+        let engine = Arc::new(LiveMigrationEngine::new(
             tokio::runtime::Handle::current(),
             host.clone(),
             endpoint
@@ -98,18 +98,19 @@ fn run(cli: Cli) -> Result<()> {
             config.migration.clone(),
         ));
         let supervisor = (*backend).clone();
-        let svc_engine = engine.clone();
         // Re-attaching probes every VMM (blocking calls).
-        let (svc, recovery) = tokio::task::spawn_blocking(move || {
-            Service::open(host, peers, store, backend, svc_engine)
-        })
-        .await
-        .context("re-attach task failed")?
-        .context("cannot load the state directory")?;
+        let (svc, recovery) =
+            tokio::task::spawn_blocking(move || Service::open(host, peers, store, backend, engine))
+                .await
+                .context("re-attach task failed")?
+                .context("cannot load the state directory")?;
         let svc = Arc::new(svc);
-        engine.attach(&svc);
         if let Some(ep) = endpoint {
-            tokio::spawn(migrated::incoming::accept_loop(ep, svc.clone(), supervisor));
+            tokio::spawn(migrated::migration::incoming::accept_loop(
+                ep,
+                svc.clone(),
+                supervisor,
+            ));
         }
         info!(
             running = recovery.running.len(),

@@ -20,8 +20,11 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 use vmm::control::{CallError, ControlClient, RunState};
+use vmm::workload as vmm_workload;
 
-use crate::model::{GuestCounters, Quantity, VmSpec};
+use crate::model::{
+    DirtyMode, DirtyRate, GuestCounters, InvalidSpecError, Quantity, VmSpec, WorkloadSpec,
+};
 use crate::store::VmPaths;
 
 /// Memory left to the host when deciding whether a guest fits.
@@ -261,6 +264,7 @@ impl VmBackend for VmmSupervisor {
         check_host_memory(spec.memory, &meminfo)?;
         let log = open_log(paths)?;
         let w = &spec.workload;
+        let (rate, mode) = vmm_rate_and_mode(w);
         let mut cmd = Command::new(&self.binary);
         cmd.arg("run")
             .arg("--name")
@@ -276,9 +280,9 @@ impl VmBackend for VmmSupervisor {
             .arg("--wss")
             .arg(w.wss.bytes().to_string())
             .arg("--dirty-rate")
-            .arg(w.dirty_rate.to_string())
+            .arg(rate.to_string())
             .arg("--mode")
-            .arg(w.mode.as_str())
+            .arg(mode.to_string())
             .arg("--seed")
             .arg(w.seed.to_string())
             .stdin(Stdio::null())
@@ -422,9 +426,95 @@ pub fn check_host_memory(needed: Quantity, meminfo: &str) -> Result<(), LaunchEr
     Ok(())
 }
 
+/// Checks a spec's workload against the VMM's own limits, before anything
+/// is launched, so that a bad spec is an invalid argument and not a failed
+/// VMM. The VMM checks again when it loads the guest (with the exact
+/// layout: the working set must also fit beside the guest program).
+pub fn check_workload(spec: &VmSpec) -> Result<(), InvalidSpecError> {
+    if spec.vcpus == 0 || spec.vcpus > vmm_workload::MAX_VCPUS {
+        return Err(InvalidSpecError::Vcpus {
+            vcpus: spec.vcpus,
+            max: vmm_workload::MAX_VCPUS,
+        });
+    }
+    if spec.workload.wss > spec.memory {
+        return Err(InvalidSpecError::WssTooLarge {
+            wss: spec.workload.wss,
+            memory: spec.memory,
+        });
+    }
+    Ok(())
+}
+
+/// The VMM's own dirty rate and mode for the API's: `migrate-vmm` parses
+/// its command line with these types, so their text forms always agree.
+fn vmm_rate_and_mode(w: &WorkloadSpec) -> (vmm_workload::DirtyRate, vmm_workload::DirtyMode) {
+    let rate = match w.dirty_rate {
+        DirtyRate::Idle => vmm_workload::DirtyRate::Idle,
+        DirtyRate::MibPerSec(n) => vmm_workload::DirtyRate::MibPerSec(n),
+        DirtyRate::Max => vmm_workload::DirtyRate::Max,
+    };
+    let mode = match w.mode {
+        DirtyMode::Sparse => vmm_workload::DirtyMode::Sparse,
+        DirtyMode::Full => vmm_workload::DirtyMode::Full,
+    };
+    (rate, mode)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workload_checks_use_the_vmms_limits() {
+        let spec = VmSpec {
+            name: "web-1".into(),
+            labels: Default::default(),
+            memory: Quantity(1 << 30),
+            vcpus: 2,
+            workload: WorkloadSpec::default(),
+        };
+        assert_eq!(check_workload(&spec), Ok(()));
+        for vcpus in [0, vmm_workload::MAX_VCPUS + 1] {
+            let s = VmSpec {
+                vcpus,
+                ..spec.clone()
+            };
+            assert!(matches!(
+                check_workload(&s),
+                Err(InvalidSpecError::Vcpus { .. })
+            ));
+        }
+        let mut s = spec.clone();
+        s.vcpus = vmm_workload::MAX_VCPUS;
+        assert_eq!(check_workload(&s), Ok(()));
+        s.workload.wss = Quantity(2 << 30);
+        assert!(matches!(
+            check_workload(&s),
+            Err(InvalidSpecError::WssTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn workload_text_is_the_vmms() {
+        // What the daemon writes on `migrate-vmm`'s command line reads back
+        // as the same parameters there.
+        for dirty_rate in [DirtyRate::Idle, DirtyRate::MibPerSec(50), DirtyRate::Max] {
+            for mode in [DirtyMode::Sparse, DirtyMode::Full] {
+                let w = WorkloadSpec {
+                    dirty_rate,
+                    mode,
+                    ..WorkloadSpec::default()
+                };
+                let (rate, vmode) = vmm_rate_and_mode(&w);
+                assert_eq!(rate.to_string().parse(), Ok(rate));
+                assert_eq!(vmode.to_string().parse(), Ok(vmode));
+                // The API's text form is the same, so a user reads one.
+                assert_eq!(rate.to_string(), dirty_rate.to_string());
+                assert_eq!(vmode.to_string(), mode.as_str());
+            }
+        }
+    }
 
     const MEMINFO: &str = "MemTotal:       24683876 kB\nMemFree:        20144216 kB\nMemAvailable:    1048576 kB\nBuffers:  1 kB\n";
 

@@ -1,14 +1,18 @@
 //! Stand-ins for the VMM and the migration engine, for tests of the API,
-//! the service and `migratectl` that must run without KVM. Public so the
-//! CLI's tests can start a daemon with them.
+//! the service and `migratectl` that must run without KVM. Behind the
+//! `testing` feature, which the tests of this crate and of `migratectl`
+//! turn on.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use crate::engine::{MigrationEngine, MigrationHandle};
-use crate::model::{AbortStatus, GuestCounters, MigrationRecord, Quantity, VmSpec};
+use tracing::warn;
+
+use crate::migration::{MigrationEngine, MigrationHandle};
+use crate::model::{FailureCode, GuestCounters, MigrationRecord, Quantity, VmSpec};
+use crate::service::Service;
 use crate::store::VmPaths;
 use crate::supervisor::{
     LaunchError, Probe, ProbeError, StopError, VmBackend, HOST_MEMORY_RESERVE,
@@ -117,7 +121,7 @@ impl HoldingEngine {
 }
 
 impl MigrationEngine for HoldingEngine {
-    fn start(&self, record: MigrationRecord, _handle: MigrationHandle) {
+    fn start(&self, record: MigrationRecord, _handle: MigrationHandle, _service: Arc<Service>) {
         self.started
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -125,10 +129,7 @@ impl MigrationEngine for HoldingEngine {
     }
 
     fn abort(&self, handle: MigrationHandle) {
-        let _ = handle.update(|r| {
-            r.abort_status = Some(AbortStatus::Succeeded);
-            r.fail("aborted", "migration was cancelled");
-        });
+        let _ = handle.update(MigrationRecord::settle_abort);
     }
 
     fn configure(
@@ -141,5 +142,29 @@ impl MigrationEngine for HoldingEngine {
     /// Switches at once (a real engine does at its next pass boundary).
     fn switch_to_post_copy(&self, handle: MigrationHandle) {
         let _ = handle.update(|r| r.mode = crate::model::MigrationMode::PostCopy);
+    }
+}
+
+/// An engine that fails every migration at once with a clear reason, for
+/// tests of what the API does around a failed migration.
+#[derive(Debug, Default)]
+pub struct UnavailableEngine;
+
+/// The message every migration fails with under [`UnavailableEngine`].
+pub const ENGINE_UNAVAILABLE_REASON: &str = "migration engine not available yet";
+
+impl MigrationEngine for UnavailableEngine {
+    fn start(&self, record: MigrationRecord, handle: MigrationHandle, _service: Arc<Service>) {
+        warn!(migration = %record.name, "no migration engine in this build; failing the migration");
+        if let Err(e) =
+            handle.update(|r| r.fail(FailureCode::EngineUnavailable, ENGINE_UNAVAILABLE_REASON))
+        {
+            warn!(migration = %record.name, error = %e, "cannot record the failure");
+        }
+    }
+
+    fn abort(&self, handle: MigrationHandle) {
+        // Nothing runs, so there is nothing to stop: finish the abort.
+        let _ = handle.update(MigrationRecord::settle_abort);
     }
 }

@@ -8,14 +8,14 @@ use std::sync::Arc;
 
 use axum::http::StatusCode;
 use migrated::client::{ApiCallError, ApiClient};
-use migrated::engine::{MigrationEngine, UnavailableEngine, ENGINE_UNAVAILABLE_REASON};
+use migrated::migration::MigrationEngine;
 use migrated::model::{
-    AbortStatus, ConditionStatus, MigrationMethod, MigrationPhase, MigrationRequest, Quantity,
-    VmPhase, VmSpec, WorkloadSpec,
+    AbortStatus, ConditionStatus, FailureCode, MigrationMethod, MigrationPhase, MigrationRequest,
+    Quantity, VmPhase, VmSpec, WorkloadSpec,
 };
 use migrated::service::Service;
 use migrated::store::Store;
-use migrated::testing::{FakeBackend, HoldingEngine};
+use migrated::testing::{FakeBackend, HoldingEngine, UnavailableEngine, ENGINE_UNAVAILABLE_REASON};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -50,6 +50,15 @@ impl Daemon {
             stop: Some(tx),
             task: Some(task),
         }
+    }
+
+    /// A daemon with a fake VMM and a [`HoldingEngine`], which keeps every
+    /// migration in flight.
+    async fn holding(state: &Path) -> (Daemon, Arc<FakeBackend>, Arc<HoldingEngine>) {
+        let backend = Arc::new(FakeBackend::default());
+        let engine = Arc::new(HoldingEngine::default());
+        let d = Daemon::start(state, backend.clone(), engine.clone()).await;
+        (d, backend, engine)
     }
 
     async fn stop(mut self) {
@@ -237,9 +246,7 @@ async fn raw_post(socket: &Path, path: &str, body: &str) -> String {
 #[tokio::test]
 async fn one_active_migration_per_vm() {
     let tmp = tempfile::tempdir().unwrap();
-    let backend = Arc::new(FakeBackend::default());
-    let engine = Arc::new(HoldingEngine::default());
-    let d = Daemon::start(tmp.path(), backend.clone(), engine.clone()).await;
+    let (d, _, engine) = Daemon::holding(tmp.path()).await;
     let c = &d.client;
     c.create_vm(&spec("db")).await.unwrap();
 
@@ -347,7 +354,7 @@ async fn without_an_engine_migrations_fail_clearly() {
     let m = c.create_migration(&migrate("db", "host-b")).await.unwrap();
     assert_eq!(m.phase, MigrationPhase::Failed);
     assert_eq!(m.failure_reason.as_deref(), Some(ENGINE_UNAVAILABLE_REASON));
-    assert_eq!(m.failure_code.as_deref(), Some("engine_unavailable"));
+    assert_eq!(m.failure_code, Some(FailureCode::EngineUnavailable));
     assert!(m.end_timestamp.is_some());
     // The failure is persisted, not just shown.
     let on_disk = Store::open(tmp.path().join("state"))
@@ -365,9 +372,7 @@ async fn without_an_engine_migrations_fail_clearly() {
 #[tokio::test]
 async fn restart_reattaches_and_reports_lost_guests() {
     let tmp = tempfile::tempdir().unwrap();
-    let backend = Arc::new(FakeBackend::default());
-    let engine = Arc::new(HoldingEngine::default());
-    let d = Daemon::start(tmp.path(), backend.clone(), engine.clone()).await;
+    let (d, backend, engine) = Daemon::holding(tmp.path()).await;
     d.client.create_vm(&spec("keep")).await.unwrap();
     d.client.create_vm(&spec("lost")).await.unwrap();
     d.client.create_vm(&spec("off")).await.unwrap();
@@ -408,7 +413,7 @@ async fn restart_reattaches_and_reports_lost_guests() {
     // The migration in flight at the restart is marked failed, not left hanging.
     let m = d.client.get_migration(&m.name).await.unwrap();
     assert_eq!(m.phase, MigrationPhase::Failed);
-    assert_eq!(m.failure_code.as_deref(), Some("daemon_restarted"));
+    assert_eq!(m.failure_code, Some(FailureCode::DaemonRestarted));
     // A lost guest can be started again.
     assert_eq!(
         d.client.start_vm("lost").await.unwrap().status.phase,
@@ -442,9 +447,7 @@ async fn socket_binding_replaces_stale_but_not_live_sockets() {
 async fn options_switch_and_cancel_in_post_copy() {
     use migrated::model::{MigrationMode, MigrationOverrides};
     let tmp = tempfile::tempdir().unwrap();
-    let backend = Arc::new(FakeBackend::default());
-    let engine = Arc::new(HoldingEngine::default());
-    let d = Daemon::start(tmp.path(), backend.clone(), engine.clone()).await;
+    let (d, _, engine) = Daemon::holding(tmp.path()).await;
     let c = &d.client;
     c.create_vm(&spec("db")).await.unwrap();
 

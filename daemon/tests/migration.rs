@@ -6,21 +6,19 @@
 //! `cargo build -p vmm --bin migrate-vmm`, or set MIGRATE_VMM_BIN). Without
 //! them each test is skipped with a message, unless MIGRATED_REQUIRE_KVM=1.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use migrated::client::ApiClient;
 use migrated::model::{
-    DirtyMode, MigrationPhase, MigrationRecord, MigrationRequest, Quantity, VmPhase, VmSpec,
-    WorkloadSpec,
+    DirtyMode, FailureCode, MigrationPhase, MigrationRecord, MigrationRequest, Quantity, VmPhase,
+    VmSpec, WorkloadSpec,
 };
 use transport::identity::{ClusterCa, HostName, Validity};
 
 mod common;
-use common::{gone, kvm_and_vmm};
+use common::{gone, kvm_and_vmm, spawn_migrated, Reaper};
 
 /// A UDP port nobody listens on right now.
 fn free_udp_port() -> u16 {
@@ -75,31 +73,8 @@ impl Daemon {
         config.push_str(migration);
         let path = home.join("config.toml");
         std::fs::write(&path, config).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_migrated"))
-            .arg("--config")
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start migrated");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        let tag = name.to_string();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[{tag}] {line}");
-                if line.contains("migrated ready") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(60))
-            .expect("migrated did not become ready (see its log above)");
         Self {
-            child,
+            child: spawn_migrated(&path, name),
             api: ApiClient::new(socket),
         }
     }
@@ -109,17 +84,6 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// Kills VMMs the test may leave behind.
-struct Reaper(Vec<u32>);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        for pid in &self.0 {
-            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
-        }
     }
 }
 
@@ -285,7 +249,7 @@ async fn migrates_a_1g_guest_dirtying_64m_at_50m_per_s() {
 }
 
 /// Fails fast with a readable reason, and the guest never noticed.
-async fn fails_and_guest_stays(a: &ApiClient, vm: &str, target: &str, code: &str) {
+async fn fails_and_guest_stays(a: &ApiClient, vm: &str, target: &str, code: FailureCode) {
     let before = passes_above(a, vm, 0).await;
     let started = Instant::now();
     let m = a
@@ -299,7 +263,7 @@ async fn fails_and_guest_stays(a: &ApiClient, vm: &str, target: &str, code: &str
         .unwrap();
     let m = finished(a, &m.name, Duration::from_secs(20)).await;
     assert_eq!(m.phase, MigrationPhase::Failed, "{m:?}");
-    assert_eq!(m.failure_code.as_deref(), Some(code), "{m:?}");
+    assert_eq!(m.failure_code, Some(code), "{m:?}");
     assert!(
         started.elapsed() < Duration::from_secs(15),
         "took {:?}",
@@ -332,7 +296,7 @@ async fn unreachable_target_fails_fast_and_guest_keeps_running() {
         .await
         .unwrap();
     let _reaper = Reaper(vec![vm.status.pid.unwrap()]);
-    fails_and_guest_stays(&a.api, "stay", "host-b", "target_unreachable").await;
+    fails_and_guest_stays(&a.api, "stay", "host-b", FailureCode::TargetUnreachable).await;
 }
 
 #[tokio::test]
@@ -343,7 +307,7 @@ async fn target_with_the_same_vm_refuses_and_guest_keeps_running() {
     let on_a = p.a.api.create_vm(&s).await.unwrap();
     let on_b = p.b.api.create_vm(&s).await.unwrap();
     let _reaper = Reaper(vec![on_a.status.pid.unwrap(), on_b.status.pid.unwrap()]);
-    fails_and_guest_stays(&p.a.api, "twin", "host-b", "vm_exists").await;
+    fails_and_guest_stays(&p.a.api, "twin", "host-b", FailureCode::VmExists).await;
     // B's own VM is untouched.
     let b_vm = p.b.api.get_vm("twin").await.unwrap();
     assert_eq!(b_vm.status.pid, on_b.status.pid);
@@ -387,7 +351,7 @@ async fn a_migration_that_cannot_converge_times_out_and_resumes_the_guest() {
     let m = migrate_to_b(&p.a.api, "restless", false, Default::default()).await;
     let m = finished(&p.a.api, &m.name, Duration::from_secs(60)).await;
     assert_eq!(m.phase, MigrationPhase::Failed, "{m:?}");
-    assert_eq!(m.failure_code.as_deref(), Some("progress_timeout"), "{m:?}");
+    assert_eq!(m.failure_code, Some(FailureCode::ProgressTimeout), "{m:?}");
     assert!(m.passes >= 2, "{m:?}");
     assert!(
         m.dirty_rate > 0 && m.expected_downtime_ms.is_some(),
@@ -418,7 +382,7 @@ async fn cancelling_a_running_migration_resumes_the_guest() {
     p.a.api.cancel_migration(&m.name).await.unwrap();
     let m = finished(&p.a.api, &m.name, Duration::from_secs(30)).await;
     assert_eq!(m.phase, MigrationPhase::Failed, "{m:?}");
-    assert_eq!(m.failure_code.as_deref(), Some("aborted"), "{m:?}");
+    assert_eq!(m.failure_code, Some(FailureCode::Aborted), "{m:?}");
     assert_eq!(
         m.abort_status,
         Some(migrated::model::AbortStatus::Succeeded),
@@ -490,20 +454,27 @@ async fn target_refuses_a_guest_larger_than_its_memory() {
     assert!(b.api.list_vms().await.unwrap().is_empty());
 }
 
-/// Migrates `restless` over [`SLOW_LINK`]'s 4 MiB/s (with a downtime limit
-/// it can meet once throttled) with auto-converge on, stepping `step`.
-async fn auto_converges(
-    vm_name: &str,
-    step: migrated::model::AutoConvergeStep,
-) -> Option<MigrationRecord> {
+/// Two daemons capped at 4 MiB/s and a restless guest running on A: the
+/// pair, the guest's reaper and its pass counter. `None`: no KVM.
+async fn restless_on_a(vm_name: &str) -> Option<(Pair, Reaper, u64)> {
     let vmm = kvm_and_vmm()?;
     let p = pair_with(
         &vmm,
         "bandwidth_per_migration = \"4Mi\"\nprogress_timeout = 60\n",
     );
     let vm = p.a.api.create_vm(&restless(vm_name)).await.unwrap();
-    let mut reaper = Reaper(vec![vm.status.pid.unwrap()]);
+    let reaper = Reaper(vec![vm.status.pid.unwrap()]);
     let before = passes_above(&p.a.api, vm_name, 0).await;
+    Some((p, reaper, before))
+}
+
+/// Migrates `restless` over [`SLOW_LINK`]'s 4 MiB/s (with a downtime limit
+/// it can meet once throttled) with auto-converge on, stepping `step`.
+async fn auto_converges(
+    vm_name: &str,
+    step: migrated::model::AutoConvergeStep,
+) -> Option<MigrationRecord> {
+    let (p, mut reaper, before) = restless_on_a(vm_name).await?;
     let m =
         p.a.api
             .create_migration(&MigrationRequest {
@@ -577,14 +548,9 @@ async fn adaptive_auto_converge_converges_a_restless_guest() {
 /// Post-copy of a guest that pre-copy cannot converge: it runs on the
 /// target while its missing pages are fetched on fault and pushed.
 async fn post_copy(vm_name: &str, options: migrated::model::MigrationOverrides) {
-    let Some(vmm) = kvm_and_vmm() else { return };
-    let p = pair_with(
-        &vmm,
-        "bandwidth_per_migration = \"4Mi\"\nprogress_timeout = 60\n",
-    );
-    let vm = p.a.api.create_vm(&restless(vm_name)).await.unwrap();
-    let mut reaper = Reaper(vec![vm.status.pid.unwrap()]);
-    let before = passes_above(&p.a.api, vm_name, 0).await;
+    let Some((p, mut reaper, before)) = restless_on_a(vm_name).await else {
+        return;
+    };
     let m = migrate_to_b(&p.a.api, vm_name, true, options).await;
     let m = finished(&p.a.api, &m.name, Duration::from_secs(150)).await;
     assert_eq!(m.phase, MigrationPhase::Succeeded, "{m:?}");
@@ -611,7 +577,8 @@ async fn post_copy(vm_name: &str, options: migrated::model::MigrationOverrides) 
     reaper.0.push(on_b.status.pid.unwrap());
     passes_above(&p.b.api, vm_name, before + 2).await;
     assert!(p.a.api.get_vm(vm_name).await.is_err());
-    assert!(gone(vm.status.pid.unwrap()));
+    let source_pid = reaper.0[0];
+    assert!(gone(source_pid));
 }
 
 #[tokio::test]

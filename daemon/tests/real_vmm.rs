@@ -7,17 +7,15 @@
 //! them the test is skipped with a message, unless MIGRATED_REQUIRE_KVM=1,
 //! which turns a skip into a failure.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use migrated::client::ApiClient;
 use migrated::model::{Quantity, VmPhase, VmSpec, WorkloadSpec};
 
 mod common;
-use common::{gone, kvm_and_vmm};
+use common::{gone, kvm_and_vmm, spawn_migrated, Reaper};
 
 /// A running `migrated`, killed (SIGKILL, like a crash) on drop.
 struct DaemonProcess {
@@ -27,29 +25,9 @@ struct DaemonProcess {
 impl DaemonProcess {
     /// Starts the daemon and returns once it logged that it is serving.
     fn start(config: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_migrated"))
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start migrated");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[migrated] {line}");
-                if line.contains("migrated ready") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(60))
-            .expect("migrated did not become ready (see its log above)");
-        Self { child }
+        Self {
+            child: spawn_migrated(config, "migrated"),
+        }
     }
 
     fn kill(mut self) {
@@ -62,17 +40,6 @@ impl Drop for DaemonProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// Kills the guest's VMM if the test ends before deleting the VM.
-struct VmmGuard(Option<u32>);
-
-impl Drop for VmmGuard {
-    fn drop(&mut self) {
-        if let Some(pid) = self.0 {
-            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
-        }
     }
 }
 
@@ -133,7 +100,8 @@ async fn real_guest_survives_daemon_restart() {
         },
     };
     let vm = c.create_vm(&spec).await.unwrap();
-    let mut guard = VmmGuard(vm.status.pid);
+    // Kills the guest's VMM if the test ends before deleting the VM.
+    let mut guard = Reaper(vm.status.pid.into_iter().collect());
     assert_eq!(vm.status.phase, VmPhase::Running);
     let pid = vm.status.pid.expect("pid of the vmm");
     let p1 = passes_above(&c, "real", 0).await;
@@ -163,12 +131,12 @@ async fn real_guest_survives_daemon_restart() {
     let vm = c.start_vm("real").await.unwrap();
     assert_eq!(vm.status.phase, VmPhase::Running);
     let pid = vm.status.pid.unwrap();
-    guard.0 = Some(pid);
+    guard.0 = vec![pid];
     passes_above(&c, "real", 0).await;
 
     c.delete_vm("real").await.unwrap();
     assert!(gone(pid), "vmm {pid} still running after delete");
-    guard.0 = None;
+    guard.0.clear();
     assert!(c.list_vms().await.unwrap().is_empty());
     drop(daemon);
 }

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use common::{available_memory, check_binaries, human, raw_quinn, wait_running, GIB, MIB};
 use e2e::Cluster;
-use migrated::model::{MigrationPhase, MigrationRecord, MigrationRequest};
+use migrated_api::model::{MigrationPhase, MigrationRecord};
 use vmm::kvm_check::kvm_available_or_skip;
 
 mod common;
@@ -196,21 +196,8 @@ fn run_case(c: &Cluster, name: &str, case: &Case) -> Row {
     } else {
         std::thread::sleep(Duration::from_millis(500));
     }
-    let req = MigrationRequest {
-        vm: name.into(),
-        target_host: B.into(),
-        verify: false,
-        options: Default::default(),
-    };
     let wall = Instant::now();
-    let m = c
-        .block_on(c.client(A).create_migration(&req))
-        .unwrap_or_else(|e| {
-            panic!(
-                "create migration of {name}: {e}\n{}",
-                c.node(A).log_tail(20)
-            )
-        });
+    let m = c.start_migration(A, B, name, false, Default::default());
     let m = c.wait_migration(A, &m.name, MIGRATION_TIMEOUT, |m| m.phase.is_final());
     let wall = wall.elapsed();
     let row = row(case, &m, wall);

@@ -45,11 +45,11 @@ use std::time::{Duration, Instant};
 
 use common::{available_memory, check_binaries, human, raw_quinn, wait_running, GIB, MIB};
 use e2e::Cluster;
-use migrated::model::{
-    AutoConvergeStep, DirtyMode, DirtyRate, MigrationMode, MigrationOverrides, MigrationPhase,
-    MigrationRecord, MigrationRequest, VmSpec, WorkloadSpec,
+use migrated_api::model::{
+    AutoConvergeStep, DirtyMode, DirtyRate, FailureCode, MigrationMode, MigrationOverrides,
+    MigrationPhase, MigrationRecord, MigrationRequest, VmSpec, WorkloadSpec,
 };
-use migrated::quantity::{HumanDuration, Quantity};
+use migrated_api::quantity::{HumanDuration, Quantity};
 use table::{opt, print_baseline, print_reference, print_table, print_targets, secs};
 use vmm::kvm_check::kvm_available_or_skip;
 
@@ -292,11 +292,11 @@ impl Row {
         } else if succeeded {
             "Succeeded".into()
         } else {
-            match m.failure_code.as_deref() {
-                Some("timeout") if m.mode == MigrationMode::PreCopy => {
+            match m.failure_code {
+                Some(FailureCode::Timeout) if m.mode == MigrationMode::PreCopy => {
                     "timeout (no converge)".into()
                 }
-                Some(code) => code.into(),
+                Some(code) => code.to_string(),
                 None => m.phase.to_string(),
             }
         };
@@ -541,7 +541,8 @@ fn migrate(c: &Cluster, name: &str, case: &Case) -> Result<Run, String> {
         if record.phase != MigrationPhase::Succeeded {
             eprintln!(
                 "  failed: {:?} {:?}",
-                record.failure_code, record.failure_reason
+                record.failure_code.map(FailureCode::as_str),
+                record.failure_reason
             );
         }
         (String::new(), false)

@@ -17,9 +17,11 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{mpsc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use migrated::client::ApiClient;
-use migrated::config::Config;
-use migrated::model::{GuestCounters, MigrationRecord, Vm};
+use migrated_api::client::ApiClient;
+use migrated_api::config::Config;
+use migrated_api::model::{
+    GuestCounters, MigrationOverrides, MigrationRecord, MigrationRequest, Vm,
+};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use transport::identity::{ClusterCa, HostName, Validity};
@@ -196,6 +198,25 @@ impl Cluster {
         Self::start(hosts, tune)
     }
 
+    /// Two hosts `node-a` and `node-b` in the namespaces of `ns`, on their
+    /// namespace's address. Declare the cluster after `ns`, so the daemons
+    /// stop before the namespaces go.
+    pub fn in_netns(ns: &netns::NetnsPair, tune: impl Fn(&mut Config)) -> Self {
+        let hosts = vec![
+            HostSpec {
+                name: "node-a",
+                listen: (netns::ADDR_A, 7878).into(),
+                netns: Some(ns.a.clone()),
+            },
+            HostSpec {
+                name: "node-b",
+                listen: (netns::ADDR_B, 7878).into(),
+                netns: Some(ns.b.clone()),
+            },
+        ];
+        Self::start(hosts, tune)
+    }
+
     pub fn root(&self) -> &Path {
         self.tmp.as_ref().expect("temp dir lives").path()
     }
@@ -216,6 +237,31 @@ impl Cluster {
 
     pub fn client(&self, name: &str) -> ApiClient {
         ApiClient::new(&self.node(name).socket)
+    }
+
+    /// Starts migrating `vm` from `from` to `to`; a refusal panics with
+    /// `from`'s log.
+    pub fn start_migration(
+        &self,
+        from: &str,
+        to: &str,
+        vm: &str,
+        verify: bool,
+        options: MigrationOverrides,
+    ) -> MigrationRecord {
+        let req = MigrationRequest {
+            vm: vm.into(),
+            target_host: to.into(),
+            verify,
+            options,
+        };
+        self.block_on(self.client(from).create_migration(&req))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "create migration of {vm}: {e}\n{}",
+                    self.node(from).log_tail(20)
+                )
+            })
     }
 
     /// Runs an async API call to completion.

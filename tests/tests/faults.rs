@@ -12,12 +12,12 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use e2e::linkcut::{nft_available, CutMethod, LinkCut};
-use e2e::netns::{NetnsPair, ADDR_A, ADDR_B};
-use e2e::{stderr, Cluster, HostSpec};
-use migrated::config::Config;
-use migrated::model::{
-    AbortStatus, HumanDuration, MigrationOverrides, MigrationPhase, MigrationRecord,
-    MigrationRequest, Quantity, VmPhase,
+use e2e::netns::NetnsPair;
+use e2e::{stderr, Cluster};
+use migrated_api::config::Config;
+use migrated_api::model::{
+    AbortStatus, FailureCode, HumanDuration, MigrationOverrides, MigrationPhase, MigrationRecord,
+    Quantity, VmPhase,
 };
 use transport::endpoint::Keepalive;
 use vmm::kvm_check::kvm_available_or_skip;
@@ -58,14 +58,7 @@ fn migrate_with(
     verify: bool,
     options: MigrationOverrides,
 ) -> MigrationRecord {
-    let req = MigrationRequest {
-        vm: vm.into(),
-        target_host: B.into(),
-        verify,
-        options,
-    };
-    c.block_on(c.client(A).create_migration(&req))
-        .unwrap_or_else(|e| panic!("create migration of {vm}: {e}\n{}", c.node(A).log_tail(20)))
+    c.start_migration(A, B, vm, verify, options)
 }
 
 fn migrate(c: &Cluster, vm: &str) -> MigrationRecord {
@@ -142,9 +135,9 @@ fn wait_target_vmm(c: &Cluster, vm: &str) {
     }
 }
 
-fn assert_failed_with(c: &Cluster, m: &MigrationRecord, code: &str) {
+fn assert_failed_with(c: &Cluster, m: &MigrationRecord, code: FailureCode) {
     assert_eq!(m.phase, MigrationPhase::Failed, "{m:?}\n{}", logs(c));
-    assert_eq!(m.failure_code.as_deref(), Some(code), "{m:?}\n{}", logs(c));
+    assert_eq!(m.failure_code, Some(code), "{m:?}\n{}", logs(c));
     assert!(
         m.failure_reason.as_deref().is_some_and(|r| !r.is_empty()),
         "{m:?}"
@@ -171,26 +164,11 @@ fn netns_or_skip(test: &str) -> Option<NetnsPair> {
 /// Daemons in `ns` with keepalive `k` and a bandwidth cap, so a migration
 /// of [`create_filled_vm`]'s guest runs for several seconds.
 fn keepalive_cluster(ns: &NetnsPair, k: Keepalive) -> Cluster {
-    Cluster::start(
-        vec![
-            HostSpec {
-                name: A,
-                listen: (ADDR_A, 7878).into(),
-                netns: Some(ns.a.clone()),
-            },
-            HostSpec {
-                name: B,
-                listen: (ADDR_B, 7878).into(),
-                netns: Some(ns.b.clone()),
-            },
-        ],
-        |c: &mut Config| {
-            c.migration.keepalive_interval =
-                HumanDuration::from_millis(k.interval.as_millis() as u64);
-            c.migration.keepalive_count = k.count;
-            c.migration.bandwidth_per_migration = Quantity::mib(32);
-        },
-    )
+    Cluster::in_netns(ns, |c: &mut Config| {
+        c.migration.keepalive_interval = HumanDuration::from_millis(k.interval.as_millis() as u64);
+        c.migration.keepalive_count = k.count;
+        c.migration.bandwidth_per_migration = Quantity::mib(32);
+    })
 }
 
 /// 256 MiB of incompressible data that the guest then only verifies: pass
@@ -331,7 +309,7 @@ fn keepalive_long_cut_fails_with_peer_lost_and_guest_stays() {
         m.phase.is_final()
     });
     let seen = cut_at.elapsed();
-    assert_failed_with(&c, &failed, "peer_lost");
+    assert_failed_with(&c, &failed, FailureCode::PeerLost);
     let end = failed.end_timestamp.expect("end timestamp").0;
     let took = end.duration_since(cut_wall).unwrap_or_default();
     eprintln!(
@@ -424,7 +402,7 @@ fn assert_cancelled(c: &Cluster, name: &str, vm: &str) -> MigrationRecord {
     let done = c.wait_migration(A, name, FINAL_TIMEOUT, |m| {
         m.phase.is_final() && m.abort_status != Some(AbortStatus::Aborting)
     });
-    assert_failed_with(c, &done, "aborted");
+    assert_failed_with(c, &done, FailureCode::Aborted);
     assert!(done.abort_requested, "{done:?}");
     assert_eq!(done.abort_status, Some(AbortStatus::Succeeded), "{done:?}");
     assert_guest_stayed(c, vm);
@@ -469,7 +447,7 @@ fn cancel_during_pass_0() {
     // is read after the engine was told, so a quick abort may already
     // show in it as the final, cancelled phase.
     let cancelled =
-        at.phase == MigrationPhase::Failed && at.failure_code.as_deref() == Some("aborted");
+        at.phase == MigrationPhase::Failed && at.failure_code == Some(FailureCode::Aborted);
     assert!(at.phase == MigrationPhase::Running || cancelled, "{at:?}");
     assert_eq!(at.passes, 0, "{at:?}");
     assert_cancelled(&c, &m.name, vm);
@@ -534,7 +512,7 @@ fn progress_timeout_fails_and_guest_stays() {
         "progress timeout after {took:?}, {} iterations, {} bytes sent",
         done.passes, done.bytes_sent
     );
-    assert_failed_with(&c, &done, "progress_timeout");
+    assert_failed_with(&c, &done, FailureCode::ProgressTimeout);
     assert!(!done.abort_requested, "{done:?}");
     // Pass 0 finished (progress is measured against the dirty set after
     // it); the engine may stop inside the next iteration.
@@ -565,7 +543,7 @@ fn completion_timeout_fails_and_guest_stays() {
         "completion timeout after {took:?}, {} iterations, {} bytes sent",
         done.passes, done.bytes_sent
     );
-    assert_failed_with(&c, &done, "timeout");
+    assert_failed_with(&c, &done, FailureCode::Timeout);
     let limit = Duration::from_secs(per_gib);
     // Never before its time; after it, at most one chunk or iteration
     // (~4 s) plus the roll-back, with room for a loaded box.
@@ -612,7 +590,7 @@ fn post_copy_survives_a_ten_second_link_cut() {
         m.phase.is_final() || m.post_copy_start_timestamp.is_some()
     });
     assert!(!running.phase.is_final(), "{running:?}\n{}", logs(&c));
-    assert_eq!(running.mode, migrated::model::MigrationMode::PostCopy);
+    assert_eq!(running.mode, migrated_api::model::MigrationMode::PostCopy);
     // Cancel is refused now, with the reason.
     let refused = c.ctl(A, &["cancel", &m.name]);
     assert!(!refused.status.success());

@@ -5,11 +5,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use e2e::netns::{NetnsPair, ADDR_A, ADDR_B};
-use e2e::{run_with_deadline, serial, stderr, stdout, Binaries, Cluster, HostSpec};
-use migrated::model::{
-    HumanDuration, MigrationPhase, MigrationRecord, MigrationRequest, Quantity, VmPhase,
-};
+use e2e::netns::{NetnsPair, ADDR_B};
+use e2e::{run_with_deadline, serial, stderr, stdout, Binaries, Cluster};
+use migrated_api::model::{HumanDuration, MigrationPhase, MigrationRecord, Quantity, VmPhase};
 use vmm::kvm_check::kvm_available_or_skip;
 
 const A: &str = "node-a";
@@ -20,14 +18,7 @@ const GAP: Duration = Duration::from_millis(1000);
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(180);
 
 fn migrate(c: &Cluster, vm: &str, verify: bool) -> MigrationRecord {
-    let req = MigrationRequest {
-        vm: vm.into(),
-        target_host: B.into(),
-        verify,
-        options: Default::default(),
-    };
-    c.block_on(c.client(A).create_migration(&req))
-        .unwrap_or_else(|e| panic!("create migration of {vm}: {e}\n{}", c.node(A).log_tail(20)))
+    c.start_migration(A, B, vm, verify, Default::default())
 }
 
 fn assert_succeeded_and_verified(c: &Cluster, m: &MigrationRecord) {
@@ -83,32 +74,11 @@ fn migrates_between_network_namespaces() {
     if !kvm_available_or_skip() {
         return;
     }
-    let ns = match NetnsPair::create() {
-        Ok(ns) => ns,
-        Err(e) if std::env::var("MIGRATED_REQUIRE_NETNS").as_deref() == Ok("1") => {
-            panic!("cannot create network namespaces: {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIPPED migrates_between_network_namespaces: {e} (needs root and iproute2)");
-            return;
-        }
+    let Some(ns) = NetnsPair::create_or_skip("migrates_between_network_namespaces") else {
+        return;
     };
     // Declared after `ns`, so the daemons stop before the namespaces go.
-    let c = Cluster::start(
-        vec![
-            HostSpec {
-                name: A,
-                listen: (ADDR_A, 7878).into(),
-                netns: Some(ns.a.clone()),
-            },
-            HostSpec {
-                name: B,
-                listen: (ADDR_B, 7878).into(),
-                netns: Some(ns.b.clone()),
-            },
-        ],
-        |_| {},
-    );
+    let c = Cluster::in_netns(&ns, |_| {});
     c.create_vm(
         A,
         &[

@@ -10,9 +10,8 @@
 use std::time::Duration;
 
 use e2e::Cluster;
-use migrated::model::{
-    MigrationMode, MigrationOverrides, MigrationPhase, MigrationRecord, MigrationRequest, Quantity,
-    VmPhase,
+use migrated_api::model::{
+    MigrationMode, MigrationOverrides, MigrationPhase, MigrationRecord, Quantity, VmPhase,
 };
 use vmm::kvm_check::kvm_available_or_skip;
 
@@ -52,18 +51,11 @@ fn restless_gib(c: &Cluster, vm: &str) {
 }
 
 fn migrate(c: &Cluster, vm: &str, options: MigrationOverrides) -> MigrationRecord {
-    let req = MigrationRequest {
-        vm: vm.into(),
-        target_host: B.into(),
-        verify: true,
-        options: MigrationOverrides {
-            bandwidth_per_migration: Some(Quantity::mib(64)),
-            ..options
-        },
+    let options = MigrationOverrides {
+        bandwidth_per_migration: Some(Quantity::mib(64)),
+        ..options
     };
-    let m = c
-        .block_on(c.client(A).create_migration(&req))
-        .unwrap_or_else(|e| panic!("create migration: {e}\n{}", c.node(A).log_tail(20)));
+    let m = c.start_migration(A, B, vm, true, options);
     c.wait_migration(A, &m.name, TIMEOUT, |m| m.phase.is_final())
 }
 

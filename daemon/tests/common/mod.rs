@@ -1,7 +1,11 @@
-//! Helpers shared by the daemon's real-KVM tests: the KVM/VMM gate and
-//! process checks.
+//! Helpers shared by the daemon's real-KVM tests: the KVM/VMM gate,
+//! starting `migrated`, and process checks.
 
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
 
 /// Fails the test under `MIGRATED_REQUIRE_KVM=1`, else reports a skip.
 pub fn skip_or_fail(why: &str) {
@@ -33,6 +37,46 @@ pub fn kvm_and_vmm() -> Option<PathBuf> {
         skip_or_fail("migrate-vmm not built (cargo build -p vmm --bin migrate-vmm)");
     }
     vmm
+}
+
+/// Starts `migrated --config config`, forwards its log to stderr with
+/// `[tag]` in front, and returns once it logged that it is serving.
+pub fn spawn_migrated(config: &Path, tag: &str) -> Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_migrated"))
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start migrated");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let tag = tag.to_string();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("[{tag}] {line}");
+            if line.contains("migrated ready") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("migrated did not become ready (see its log above)");
+    child
+}
+
+/// Kills (SIGKILL) the VMMs a test may leave behind when it ends early.
+pub struct Reaper(pub Vec<u32>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+        }
+    }
 }
 
 /// Whether process `pid` has exited (a zombie awaiting its reaper counts).

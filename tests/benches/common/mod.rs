@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use e2e::Cluster;
-use migrated::model::VmPhase;
+use migrated_api::model::VmPhase;
 use transport::endpoint::{Endpoint, EndpointConfig, MigrationId};
 use transport::identity::{ClusterCa, HostName, Validity};
 

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use migrated::model::MigrationMode;
-use migrated::quantity::HumanDuration;
+use migrated_api::model::MigrationMode;
+use migrated_api::quantity::HumanDuration;
 
 use super::common::{human, GIB};
 use super::{Args, Row, CAPPED, PROGRESS_TIMEOUT_S, VCPUS};

@@ -9,26 +9,30 @@
 //! into that VMM, the VM is persisted here, the guest is resumed and `Done`
 //! is sent. Any failure before the resume kills the VMM and drops the
 //! memfd and the reservation: nothing is left behind.
+//!
+//! The guest running here while pages still arrive (post-copy) is in
+//! `postcopy`; failures and the codes the source is told in `error`.
 
 use std::sync::Arc;
 
 use guestmem::GuestMemory;
-use tracing::{info, info_span, warn, Instrument};
-use transport::codec::{Hello, ReasonCode};
+use tracing::{field, info, info_span, warn, Instrument, Span};
+use transport::codec::Hello;
 use transport::driver::{DestEvent, DestinationDriver};
 use transport::endpoint::{DestinationStreams, Endpoint, PeerConnection};
 use transport::session::{DestOptions, DestinationSession, PageSink};
-use vmm::control::{ControlClient, VMM_CALL_TIMEOUT};
 
-use crate::guestio::{to_guest_layout, GuestPages, StateEnvelope};
-
-mod postcopy;
+use super::connect_vmm;
+use super::guestio::{to_guest_layout, GuestPages, StateEnvelope};
 use crate::model::Quantity;
-use crate::outgoing::DIGEST_MISMATCH;
-use crate::service::Service;
+use crate::service::{Service, ServiceError};
 use crate::store::VmPaths;
-use crate::supervisor::{check_host_memory, LaunchError, VmBackend, VmmSupervisor};
+use crate::supervisor::{check_host_memory, VmBackend, VmmSupervisor};
+pub use error::MigrateInError;
 use postcopy::{Outcome, PostCopy, Resumable};
+
+mod error;
+mod postcopy;
 
 /// Accepts peers until the endpoint closes; each peer's migrations run in
 /// their own tasks.
@@ -66,7 +70,8 @@ async fn serve_peer(
                 let (service, vmm, resumable) = (service.clone(), vmm.clone(), resumable.clone());
                 let peer = conn.peer().to_string();
                 tokio::spawn(async move {
-                    let span = info_span!("migration", role = "target", %peer);
+                    // The id (the source's migration name) comes with the hello.
+                    let span = info_span!("migration", id = field::Empty, role = "target", %peer);
                     receive(streams, service, vmm, resumable)
                         .instrument(span)
                         .await
@@ -152,31 +157,41 @@ async fn receive(
     let mut sink = Incoming(None);
     let mut prepared: Option<Prepared> = None;
     let mut state: Option<Vec<u8>> = None;
-    let result: Result<(), String> = async {
+    let result: Result<(), MigrateInError> = async {
         loop {
             let event = driver
                 .next_event(&mut session, &mut sink)
                 .await
-                .map_err(|e| crate::error_chain(&e))?;
+                .map_err(MigrateInError::Transfer)?;
             match event {
                 DestEvent::Hello(hello) => {
+                    Span::current().record("id", field::display(&hello.migration_id));
                     let svc = service.clone();
                     let sup = vmm.clone();
                     let prep = tokio::task::spawn_blocking(move || prepare(&hello, &svc, &sup))
                         .await
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|source| MigrateInError::Task {
+                            what: "prepare",
+                            source,
+                        })?;
                     match prep {
                         Ok(p) => {
                             sink.0 = Some(GuestPages(p.mem.clone()));
                             info!(vm = %p.name, pid = p.pid, "accepted incoming migration");
                             prepared = Some(p);
-                            let ack = session.accept().map_err(|e| crate::error_chain(&e))?;
+                            let ack = session
+                                .accept()
+                                .map_err(|source| MigrateInError::Session {
+                                    step: "accept",
+                                    source,
+                                })?;
                             driver
                                 .send_control(&ack)
                                 .await
-                                .map_err(|e| crate::error_chain(&e))?;
+                                .map_err(MigrateInError::Transfer)?;
                         }
-                        Err((code, message)) => {
+                        Err(e) => {
+                            let (code, message) = (e.reason(), crate::error_chain(&e));
                             warn!(%code, %message, "refusing incoming migration");
                             let refuse = session.refuse(code, &message);
                             let _ = driver.send_control(&refuse).await;
@@ -191,24 +206,31 @@ async fn receive(
                 }
                 DestEvent::State(blob) => state = Some(blob),
                 DestEvent::SwitchedOver { postcopy: false } => {
-                    let p = prepared.as_ref().ok_or("switchover before hello")?;
-                    let blob = state.take().ok_or("switchover without state")?;
+                    let (p, blob) = switchover(prepared.as_ref(), &mut state)?;
                     let svc = service.clone();
                     let (name, paths, pid, mem) =
                         (p.name.clone(), p.paths.clone(), p.pid, p.mem.clone());
                     let finished = tokio::task::spawn_blocking(move || {
                         finish(&blob, &name, &paths, pid, &mem, &svc)
                     })
-                            .await
-                            .map_err(|e| e.to_string())?;
-                    if let Err(message) = finished {
-                        let abort = session.refuse(ReasonCode::Internal, &message);
+                    .await
+                    .map_err(|source| MigrateInError::Task {
+                        what: "restore",
+                        source,
+                    })?;
+                    if let Err(e) = finished {
+                        let abort = session.refuse(e.reason(), &crate::error_chain(&e));
                         let _ = driver.send_control(&abort).await;
-                        return Err(message);
+                        return Err(e);
                     }
                     // From here on the guest runs here: no clean-up.
                     prepared = None;
-                    let done = session.resumed().map_err(|e| crate::error_chain(&e))?;
+                    let done = session
+                        .resumed()
+                        .map_err(|source| MigrateInError::Session {
+                            step: "report the resume",
+                            source,
+                        })?;
                     if let Err(e) = driver.send_control(&done).await {
                         warn!(error = %crate::error_chain(&e), "guest runs here but Done was not delivered");
                     }
@@ -216,8 +238,7 @@ async fn receive(
                     return Ok(());
                 }
                 DestEvent::SwitchedOver { postcopy: true } => {
-                    let p = prepared.as_ref().ok_or("switchover before hello")?;
-                    let blob = state.take().ok_or("switchover without state")?;
+                    let (p, blob) = switchover(prepared.as_ref(), &mut state)?;
                     let outcome = PostCopy {
                         session: &mut session,
                         driver,
@@ -235,16 +256,20 @@ async fn receive(
                             info!("incoming post-copy migration complete");
                             Ok(())
                         }
-                        Outcome::FailedBeforeResume(message) => Err(message),
+                        Outcome::FailedBeforeResume(e) => Err(e),
                     };
                 }
-                other => return Err(format!("unexpected {other:?}")),
+                other => {
+                    return Err(MigrateInError::Unexpected {
+                        event: format!("{other:?}"),
+                    })
+                }
             }
         }
     }
     .await;
     if let Err(e) = &result {
-        warn!(error = %e, "incoming migration failed");
+        warn!(error = %crate::error_chain(e), "incoming migration failed");
     }
     if let Some(p) = prepared {
         // Before the resume: the guest still runs on the source.
@@ -259,55 +284,72 @@ async fn receive(
     }
 }
 
-/// Checks, reserves and pre-starts everything for `hello`; the error is
+/// What a switchover needs: the prepared guest and the state that came
+/// before it.
+fn switchover<'a>(
+    prepared: Option<&'a Prepared>,
+    state: &mut Option<Vec<u8>>,
+) -> Result<(&'a Prepared, Vec<u8>), MigrateInError> {
+    let p = prepared.ok_or(MigrateInError::Protocol {
+        what: "switchover before hello",
+    })?;
+    let blob = state.take().ok_or(MigrateInError::Protocol {
+        what: "switchover without state",
+    })?;
+    Ok((p, blob))
+}
+
+/// Checks, reserves and pre-starts everything for `hello`; the error says
 /// what to refuse with.
 fn prepare(
     hello: &Hello,
     service: &Service,
     vmm: &VmmSupervisor,
-) -> Result<Prepared, (ReasonCode, String)> {
+) -> Result<Prepared, MigrateInError> {
     let name = hello.vm_name.clone();
     let bytes = hello.layout.total_bytes();
-    let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(|e| {
-        (
-            ReasonCode::Internal,
-            format!("cannot read /proc/meminfo: {e}"),
-        )
-    })?;
-    if let Err(e) = check_host_memory(Quantity(bytes), &meminfo) {
-        let code = match e {
-            LaunchError::InsufficientMemory { .. } => ReasonCode::NotEnoughMemory,
-            _ => ReasonCode::Internal,
-        };
-        return Err((code, e.to_string()));
-    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(MigrateInError::MemInfo)?;
+    check_host_memory(Quantity(bytes), &meminfo).map_err(MigrateInError::HostMemory)?;
     service
         .reserve_incoming(&name, Quantity(bytes))
         .map_err(|e| match e {
-            crate::service::ServiceError::VmExists { .. } => (
-                ReasonCode::VmExists,
-                format!("vm {name} already exists on the target"),
-            ),
-            e => (ReasonCode::Refused, crate::error_chain(&e)),
+            ServiceError::VmExists { .. } => MigrateInError::VmExists { name: name.clone() },
+            source => MigrateInError::Reserve {
+                name: name.clone(),
+                source,
+            },
         })?;
-    let undo = |message: String| {
-        service.cancel_incoming(&name);
-        (ReasonCode::Internal, message)
+    let reserved = || -> Result<Prepared, MigrateInError> {
+        let layout = to_guest_layout(&hello.layout).map_err(MigrateInError::Layout)?;
+        let mem = GuestMemory::create(&name, layout).map_err(MigrateInError::Memory)?;
+        let paths = service.store().vm_paths(&name);
+        std::fs::create_dir_all(&paths.dir).map_err(|source| MigrateInError::CreateDir {
+            path: paths.dir.clone(),
+            source,
+        })?;
+        let pid = vmm
+            .spawn_restore(&name, &paths, mem.fd())
+            .map_err(MigrateInError::Spawn)?;
+        Ok(Prepared {
+            name: name.clone(),
+            paths,
+            pid,
+            mem: Arc::new(mem),
+        })
     };
-    let layout = to_guest_layout(&hello.layout).map_err(|e| undo(crate::error_chain(&e)))?;
-    let mem = GuestMemory::create(&name, layout).map_err(|e| undo(crate::error_chain(&e)))?;
-    let paths = service.store().vm_paths(&name);
-    std::fs::create_dir_all(&paths.dir)
-        .map_err(|e| undo(format!("cannot create {}: {e}", paths.dir.display())))?;
-    let pid = vmm
-        .spawn_restore(&name, &paths, mem.fd())
-        .map_err(|e| undo(crate::error_chain(&e)))?;
-    Ok(Prepared {
-        name,
-        paths,
-        pid,
-        mem: Arc::new(mem),
-    })
+    reserved().inspect_err(|_| service.cancel_incoming(&name))
+}
+
+/// Checks the state against the hello: it must name the same VM.
+fn decode_state(blob: &[u8], name: &str) -> Result<StateEnvelope, MigrateInError> {
+    let envelope = StateEnvelope::decode(blob).map_err(MigrateInError::State)?;
+    if envelope.spec.name != name {
+        return Err(MigrateInError::StateNames {
+            state: envelope.spec.name,
+            hello: name.into(),
+        });
+    }
+    Ok(envelope)
 }
 
 /// Restores the state into the waiting VMM, persists the VM and resumes
@@ -319,37 +361,32 @@ fn finish(
     pid: u32,
     mem: &GuestMemory,
     service: &Service,
-) -> Result<(), String> {
-    let envelope = StateEnvelope::decode(blob).map_err(|e| crate::error_chain(&e))?;
-    if envelope.spec.name != name {
-        return Err(format!(
-            "state names vm {}, the hello named {name}",
-            envelope.spec.name
-        ));
-    }
+) -> Result<(), MigrateInError> {
+    let envelope = decode_state(blob, name)?;
     if let Some(expected) = envelope.digest {
         let got = mem.digest();
         if got != expected {
-            return Err(format!(
-                "{DIGEST_MISMATCH}: source {expected}, target {got}"
-            ));
+            return Err(MigrateInError::DigestMismatch {
+                scope: "whole memory",
+                expected: expected.to_string(),
+                got: got.to_string(),
+            });
         }
         info!(digest = %got, "memory digest matches the source");
     }
-    let mut client = ControlClient::connect_with_timeout(&paths.control_socket, VMM_CALL_TIMEOUT)
-        .map_err(|e| crate::error_chain(&e))?;
+    let vmm_err = |step| move |source| MigrateInError::Vmm { step, source };
+    let mut client = connect_vmm(&paths.control_socket).map_err(vmm_err("connect"))?;
     client
         .restore(&envelope.vm_state)
-        .map_err(|e| crate::error_chain(&e))?;
+        .map_err(vmm_err("restore"))?;
     service
         .complete_incoming(envelope.spec, pid)
-        .map_err(|e| crate::error_chain(&e))?;
+        .map_err(MigrateInError::Persist)?;
     if let Err(e) = client.resume() {
         // The VM is persisted but not running: report it failed rather than
         // pretend (the source resumes its copy).
-        let message = crate::error_chain(&e);
         let _ = service.remove_migrated_vm(name);
-        return Err(message);
+        return Err(vmm_err("resume")(e));
     }
     Ok(())
 }

@@ -5,9 +5,9 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use axum::http::{header, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
+use hyper::{header, Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -132,17 +132,25 @@ impl ApiClient {
         serde_json::from_slice(&bytes).map_err(|source| ApiCallError::Decode { status, source })
     }
 
+    /// A call without a request body.
+    async fn send<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+    ) -> Result<T, ApiCallError> {
+        self.call(method, path, None::<&()>).await
+    }
+
     pub async fn health(&self) -> Result<Health, ApiCallError> {
-        self.call(Method::GET, "/v1/health", None::<&()>).await
+        self.send(Method::GET, "/v1/health").await
     }
 
     pub async fn list_vms(&self) -> Result<Vec<Vm>, ApiCallError> {
-        self.call(Method::GET, "/v1/vms", None::<&()>).await
+        self.send(Method::GET, "/v1/vms").await
     }
 
     pub async fn get_vm(&self, name: &str) -> Result<Vm, ApiCallError> {
-        self.call(Method::GET, &format!("/v1/vms/{}", seg(name)), None::<&()>)
-            .await
+        self.send(Method::GET, &object("vms", name, "")).await
     }
 
     pub async fn create_vm(&self, spec: &VmSpec) -> Result<Vm, ApiCallError> {
@@ -150,27 +158,18 @@ impl ApiClient {
     }
 
     pub async fn delete_vm(&self, name: &str) -> Result<(), ApiCallError> {
-        self.exchange(Method::DELETE, &format!("/v1/vms/{}", seg(name)), None)
+        self.exchange(Method::DELETE, &object("vms", name, ""), None)
             .await
             .map(|_| ())
     }
 
     pub async fn stop_vm(&self, name: &str) -> Result<Vm, ApiCallError> {
-        self.call(
-            Method::POST,
-            &format!("/v1/vms/{}/stop", seg(name)),
-            None::<&()>,
-        )
-        .await
+        self.send(Method::POST, &object("vms", name, "/stop")).await
     }
 
     pub async fn start_vm(&self, name: &str) -> Result<Vm, ApiCallError> {
-        self.call(
-            Method::POST,
-            &format!("/v1/vms/{}/start", seg(name)),
-            None::<&()>,
-        )
-        .await
+        self.send(Method::POST, &object("vms", name, "/start"))
+            .await
     }
 
     pub async fn create_migration(
@@ -181,46 +180,36 @@ impl ApiClient {
     }
 
     pub async fn list_migrations(&self) -> Result<Vec<MigrationRecord>, ApiCallError> {
-        self.call(Method::GET, "/v1/migrations", None::<&()>).await
+        self.send(Method::GET, "/v1/migrations").await
     }
 
     pub async fn get_migration(&self, name: &str) -> Result<MigrationRecord, ApiCallError> {
-        self.call(
-            Method::GET,
-            &format!("/v1/migrations/{}", seg(name)),
-            None::<&()>,
-        )
-        .await
+        self.send(Method::GET, &object("migrations", name, ""))
+            .await
     }
 
     pub async fn cancel_migration(&self, name: &str) -> Result<MigrationRecord, ApiCallError> {
-        self.call(
-            Method::DELETE,
-            &format!("/v1/migrations/{}", seg(name)),
-            None::<&()>,
-        )
-        .await
+        self.send(Method::DELETE, &object("migrations", name, ""))
+            .await
     }
 
     /// Switches a running pre-copy migration to post-copy.
     pub async fn switch_migration(&self, name: &str) -> Result<MigrationRecord, ApiCallError> {
-        self.call(
-            Method::POST,
-            &format!("/v1/migrations/{}/switch", seg(name)),
-            None::<&()>,
-        )
-        .await
+        self.send(Method::POST, &object("migrations", name, "/switch"))
+            .await
     }
 
     /// Continues a post-copy migration that failed because the link broke.
     pub async fn resume_migration(&self, name: &str) -> Result<MigrationRecord, ApiCallError> {
-        self.call(
-            Method::POST,
-            &format!("/v1/migrations/{}/resume", seg(name)),
-            None::<&()>,
-        )
-        .await
+        self.send(Method::POST, &object("migrations", name, "/resume"))
+            .await
     }
+}
+
+/// The path of object `name` in `collection`, plus `action` ("" or
+/// "/stop" ...).
+fn object(collection: &str, name: &str, action: &str) -> String {
+    format!("/v1/{collection}/{}{action}", seg(name))
 }
 
 /// Percent-encodes a path segment, so any user-typed name reaches the
@@ -244,5 +233,9 @@ mod tests {
         assert_eq!(super::seg("web-1"), "web-1");
         assert_eq!(super::seg("a/b c"), "a%2Fb%20c");
         assert_eq!(super::seg(".."), "..");
+        assert_eq!(
+            super::object("migrations", "a/b", "/switch"),
+            "/v1/migrations/a%2Fb/switch"
+        );
     }
 }

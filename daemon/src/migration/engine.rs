@@ -1,22 +1,68 @@
-//! The real [`MigrationEngine`]: pre-copy live migration over QUIC. Each
-//! outgoing migration runs as a task (see `outgoing`); incoming ones are
-//! handled by the endpoint's accept loop (see `incoming`).
+//! The seam between migration records and whatever moves the guest
+//! ([`MigrationEngine`]), and the real engine, [`LiveMigrationEngine`]:
+//! live migration over QUIC. Each outgoing migration runs as a task (see
+//! `outgoing`), which pre-copies, auto-converges, switches to post-copy and
+//! resumes a broken post-copy; incoming ones are handled by the endpoint's
+//! accept loop (see `incoming`).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 use tracing::warn;
 
+use super::outgoing::{self, OutgoingContext};
+use super::peers::Peers;
+use super::table::{MigrationHandle, UpdateMigrationError};
 use crate::config::MigrationDefaults;
-use crate::engine::{MigrationEngine, MigrationHandle};
-use crate::model::{AbortStatus, MigrationConfiguration, MigrationOverrides, MigrationRecord};
-use crate::outgoing::{self, OutgoingContext};
-use crate::peers::Peers;
+use crate::model::{FailureCode, MigrationConfiguration, MigrationOverrides, MigrationRecord};
 use crate::service::Service;
 
-/// Code of migrations started while this host has no TLS identity.
-pub const NO_IDENTITY: &str = "tls_unavailable";
+/// Drives migrations. Implementations must return quickly from every
+/// method (spawn their work) because the API waits on them.
+pub trait MigrationEngine: Send + Sync + 'static {
+    /// Takes over a record that was just created in phase Pending.
+    /// `service` is the daemon's, for the VM being moved.
+    fn start(&self, record: MigrationRecord, handle: MigrationHandle, service: Arc<Service>);
+    /// The user asked to cancel `handle`'s migration (its record already
+    /// has `abort_requested` set).
+    fn abort(&self, handle: MigrationHandle);
+
+    /// The settings a new migration with `options` will run with (stored
+    /// in its record). `None`: this engine has no settings.
+    fn configure(&self, options: &MigrationOverrides) -> Option<MigrationConfiguration> {
+        let _ = options;
+        None
+    }
+
+    /// The user asked to switch `handle`'s running migration to post-copy
+    /// (its record already has `switch_requested` set). Engines without
+    /// post-copy ignore it.
+    fn switch_to_post_copy(&self, handle: MigrationHandle) {
+        let _ = handle;
+    }
+
+    /// Continues a post-copy migration that failed with the guest split
+    /// between both hosts (`migratectl migrate --resume`).
+    fn resume(&self, record: MigrationRecord, handle: MigrationHandle) -> Result<(), ResumeError> {
+        let _ = (record, handle);
+        Err(ResumeError::Unsupported)
+    }
+}
+
+/// Why an interrupted post-copy cannot be resumed.
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    #[error("this engine cannot resume migrations")]
+    Unsupported,
+    #[error(
+        "no task holds this migration's post-copy state any more (the daemon restarted); \
+         the guest's pages are split between both hosts and cannot be joined automatically"
+    )]
+    NoTask,
+    #[error("cannot record the resume")]
+    Record(#[source] UpdateMigrationError),
+}
 
 /// The user's signals to a running migration.
 struct Signals {
@@ -27,18 +73,17 @@ struct Signals {
 
 type Cancels = Arc<Mutex<HashMap<String, Signals>>>;
 
-/// Pre-copy migrations to peers.
-pub struct PrecopyEngine {
+/// Live migrations to peers.
+pub struct LiveMigrationEngine {
     rt: tokio::runtime::Handle,
     host: String,
     /// `None` when the daemon has no TLS identity: migrations fail at once.
     peers: Option<Arc<Peers>>,
     defaults: MigrationDefaults,
-    service: OnceLock<Weak<Service>>,
     cancels: Cancels,
 }
 
-impl PrecopyEngine {
+impl LiveMigrationEngine {
     pub fn new(
         rt: tokio::runtime::Handle,
         host: String,
@@ -50,15 +95,8 @@ impl PrecopyEngine {
             host,
             peers,
             defaults,
-            service: OnceLock::new(),
             cancels: Arc::default(),
         }
-    }
-
-    /// Connects the engine to the service that owns it (the service is
-    /// built with the engine, so this comes after).
-    pub fn attach(&self, service: &Arc<Service>) {
-        let _ = self.service.set(Arc::downgrade(service));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Signals>> {
@@ -66,24 +104,20 @@ impl PrecopyEngine {
     }
 }
 
-fn fail_now(handle: &MigrationHandle, code: &str, reason: &str) {
+fn fail_now(handle: &MigrationHandle, code: FailureCode, reason: &str) {
     if let Err(e) = handle.update(|r| r.fail(code, reason)) {
         warn!(migration = handle.name(), error = %crate::error_chain(&e), "cannot record the failure");
     }
 }
 
-impl MigrationEngine for PrecopyEngine {
-    fn start(&self, record: MigrationRecord, handle: MigrationHandle) {
+impl MigrationEngine for LiveMigrationEngine {
+    fn start(&self, record: MigrationRecord, handle: MigrationHandle, service: Arc<Service>) {
         let Some(peers) = self.peers.clone() else {
             fail_now(
                 &handle,
-                NO_IDENTITY,
+                FailureCode::TlsUnavailable,
                 "this host has no TLS identity: set [tls] ca, cert and key in the daemon's config",
             );
-            return;
-        };
-        let Some(service) = self.service.get().and_then(Weak::upgrade) else {
-            fail_now(&handle, "internal", "migration engine is not attached");
             return;
         };
         let (cancel_tx, cancel) = watch::channel(false);
@@ -137,7 +171,7 @@ impl MigrationEngine for PrecopyEngine {
         }
     }
 
-    fn resume(&self, record: MigrationRecord, handle: MigrationHandle) -> Result<(), String> {
+    fn resume(&self, record: MigrationRecord, handle: MigrationHandle) -> Result<(), ResumeError> {
         let _ = handle;
         match self.lock().get(&record.name) {
             // The task parked after its reconnects failed; it redials.
@@ -145,11 +179,7 @@ impl MigrationEngine for PrecopyEngine {
                 signals.resume.send_modify(|n| *n = n.wrapping_add(1));
                 Ok(())
             }
-            None => Err(
-                "no task holds this migration's post-copy state any more (the daemon restarted); \
-                 the guest's pages are split between both hosts and cannot be joined automatically"
-                    .into(),
-            ),
+            None => Err(ResumeError::NoTask),
         }
     }
 
@@ -161,13 +191,6 @@ impl MigrationEngine for PrecopyEngine {
             return;
         }
         // Nothing runs for it (already finished): settle the abort.
-        let _ = handle.update(|r| {
-            if r.phase.is_final() {
-                r.abort_status = Some(AbortStatus::Failed);
-            } else {
-                r.abort_status = Some(AbortStatus::Succeeded);
-                r.fail("aborted", "migration was cancelled");
-            }
-        });
+        let _ = handle.update(MigrationRecord::settle_abort);
     }
 }

@@ -16,14 +16,15 @@ use std::time::{Duration, Instant};
 
 use guestmem::DirtyBitmap;
 use tracing::{info, warn};
+use transport::codec::PostcopyDigest;
 use transport::driver::{DriverError, SourceDriver};
 use transport::session::SourceError;
 
 use super::{
     bitmap_ranges, migration_id, update, MigrateOutError, Progress, Transfer, BULK_STREAMS,
 };
-use crate::guestio::{page_set_digest, PostCopyDigests, StateEnvelope};
-use crate::model::{codes, MigrationMode, MigrationPhase, Timestamp};
+use crate::migration::guestio::{page_set_digest, PostCopyDigests, StateEnvelope};
+use crate::model::{FailureCode, MigrationMode, MigrationPhase, Timestamp};
 
 /// Dial attempts after the link broke, before the record says
 /// `post_copy_interrupted` and waits for a manual resume.
@@ -64,21 +65,16 @@ impl Transfer<'_> {
                     r.mode = MigrationMode::PostCopy;
                 }
             })
-            .map_err(|e| MigrateOutError::Internal {
-                what: format!("cannot record the switch to post-copy: {e}"),
+            .map_err(|source| MigrateOutError::Record {
+                what: "the switch to post-copy",
+                source,
             })?;
         if cancelled {
             return Err(MigrateOutError::Cancelled);
         }
         info!(why, "switching to post-copy");
         let t0 = Instant::now();
-        self.vmm.call("pause", |c| c.pause()).await?;
-        self.paused = true;
-        let mut needed = self
-            .vmm
-            .call("dirty_log_fetch", |c| c.dirty_log_fetch())
-            .await?;
-        needed.merge(&pending);
+        let needed = self.pause(&pending).await?;
         if self.throttled {
             self.remove_throttle().await;
         }
@@ -94,12 +90,11 @@ impl Transfer<'_> {
                 })
             })
             .await
-            .map_err(|e| MigrateOutError::Internal {
-                what: format!("digest task: {e}"),
+            .map_err(|source| MigrateOutError::Task {
+                what: "digest",
+                source,
             })?
-            .map_err(|e| MigrateOutError::Internal {
-                what: format!("cannot digest guest memory: {e}"),
-            })?;
+            .map_err(MigrateOutError::Digest)?;
             digest_time = t.elapsed();
             Some(digests)
         } else {
@@ -114,10 +109,8 @@ impl Transfer<'_> {
         .encode();
         let missing = bitmap_ranges(&needed);
         let missing_pages = needed.count();
-        let (passes, sent) = (p.passes, p.bytes_sent);
         update(self.handle, |r| {
-            r.passes = passes;
-            r.bytes_sent = sent;
+            p.write_to(r);
             r.bytes_remaining = missing_pages * super::PAGE;
         });
         info!(missing_pages, "sending the state for post-copy");
@@ -219,7 +212,11 @@ impl Transfer<'_> {
                     rec.fault_latency_p50_us = us(r.p50_us);
                     rec.fault_latency_p99_us = us(r.p99_us);
                     if verify {
-                        rec.memory_digest_matched = r.digest.matched();
+                        rec.memory_digest_matched = match r.digest {
+                            PostcopyDigest::Matched => Some(true),
+                            PostcopyDigest::Mismatched => Some(false),
+                            PostcopyDigest::NotChecked => None,
+                        };
                     }
                 });
             }
@@ -297,7 +294,7 @@ impl Transfer<'_> {
         );
         warn!(%reason, "post-copy interrupted");
         update(self.handle, |r| {
-            r.fail(codes::POST_COPY_INTERRUPTED, reason)
+            r.fail(FailureCode::PostCopyInterrupted, reason)
         });
         let mut resume = self.ctx.resume.clone();
         let seen = *resume.borrow_and_update();

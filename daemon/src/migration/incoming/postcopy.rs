@@ -32,16 +32,16 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
-use transport::codec::{Frame, PostcopyDigest, PostcopyReport, ReasonCode};
+use transport::codec::{Frame, PostcopyDigest, PostcopyReport};
 use transport::driver::{DestEvent, DestinationDriver};
 use transport::endpoint::{DestinationStreams, MigrationId};
 use transport::layout::{PageIndex, PAGE_SIZE};
 use transport::session::{DestinationSession, PageSink};
-use vmm::control::{ControlClient, VMM_CALL_TIMEOUT};
+use vmm::control::ControlClient;
 
-use super::Prepared;
-use crate::guestio::{page_digest, page_set_digest, StateEnvelope};
-use crate::outgoing::DIGEST_MISMATCH;
+use super::{decode_state, MigrateInError, Prepared};
+use crate::migration::connect_vmm;
+use crate::migration::guestio::{page_digest, page_set_digest};
 use crate::service::Service;
 
 /// Post-copy migrations that can take a resumed connection, by id.
@@ -111,7 +111,7 @@ pub enum Outcome {
     /// Every page arrived; the guest runs here for good.
     Complete,
     /// Failed before the guest ran here: clean up as for pre-copy.
-    FailedBeforeResume(String),
+    FailedBeforeResume(MigrateInError),
 }
 
 /// Everything a post-copy needs from `receive`.
@@ -143,17 +143,9 @@ impl PostCopy<'_> {
 
     async fn serve(&mut self, resumed: &mut mpsc::Receiver<DestinationStreams>) -> Outcome {
         let p = self.prepared;
-        let envelope = match StateEnvelope::decode(&self.blob) {
-            Ok(e) if e.spec.name == p.name => e,
-            Ok(e) => {
-                return self
-                    .fail(format!(
-                        "state names vm {}, the hello named {}",
-                        e.spec.name, p.name
-                    ))
-                    .await
-            }
-            Err(e) => return self.fail(crate::error_chain(&e)).await,
+        let envelope = match decode_state(&self.blob, &p.name) {
+            Ok(e) => e,
+            Err(e) => return self.fail(e).await,
         };
         let missing = self.session.missing_ranges();
         let missing_pages: u64 = missing.iter().map(|r| r.count).sum();
@@ -161,7 +153,7 @@ impl PostCopy<'_> {
         // Stale pages out, so that the guest's first touch faults.
         for r in &missing {
             if let Err(e) = p.mem.punch_hole(r.start.0, r.count) {
-                return self.fail(crate::error_chain(&e)).await;
+                return self.fail(MigrateInError::Memory(e)).await;
             }
         }
         if let Some(d) = envelope.post_copy {
@@ -177,33 +169,45 @@ impl PostCopy<'_> {
                     info!("pages held before the switchover match the source")
                 }
                 Ok(Ok(got)) => {
-                    return self
-                        .fail(format!(
-                            "{DIGEST_MISMATCH}: pages held before the switchover: source {:032x}, target {got:032x}",
-                            d.present
-                        ))
-                        .await
+                    let e = MigrateInError::DigestMismatch {
+                        scope: "pages held before the switchover",
+                        expected: format!("{:032x}", d.present),
+                        got: format!("{got:032x}"),
+                    };
+                    return self.fail(e).await;
                 }
-                Ok(Err(e)) => return self.fail(format!("cannot digest guest memory: {e}")).await,
-                Err(e) => return self.fail(format!("digest task: {e}")).await,
+                Ok(Err(e)) => return self.fail(MigrateInError::Digest(e)).await,
+                Err(source) => {
+                    let e = MigrateInError::Task {
+                        what: "digest",
+                        source,
+                    };
+                    return self.fail(e).await;
+                }
             }
         }
         let paths = p.paths.clone();
         let layout = p.mem.layout().clone();
-        let pager =
-            tokio::task::spawn_blocking(move || -> Result<(ControlClient, Pager), String> {
-                let mut client =
-                    ControlClient::connect_with_timeout(&paths.control_socket, VMM_CALL_TIMEOUT)
-                        .map_err(|e| crate::error_chain(&e))?;
-                let (fd, regions) = client.userfaultfd().map_err(|e| crate::error_chain(&e))?;
-                let pager = Pager::new(fd, &layout, regions).map_err(|e| crate::error_chain(&e))?;
+        let pager = tokio::task::spawn_blocking(
+            move || -> Result<(ControlClient, Pager), MigrateInError> {
+                let vmm_err = |step| move |source| MigrateInError::Vmm { step, source };
+                let mut client = connect_vmm(&paths.control_socket).map_err(vmm_err("connect"))?;
+                let (fd, regions) = client.userfaultfd().map_err(vmm_err("userfaultfd"))?;
+                let pager = Pager::new(fd, &layout, regions).map_err(MigrateInError::Pager)?;
                 Ok((client, pager))
-            })
-            .await;
+            },
+        )
+        .await;
         let (client, pager) = match pager {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => return self.fail(e).await,
-            Err(e) => return self.fail(format!("userfaultfd task: {e}")).await,
+            Err(source) => {
+                let e = MigrateInError::Task {
+                    what: "userfaultfd",
+                    source,
+                };
+                return self.fail(e).await;
+            }
         };
         let pager = Arc::new(pager);
         // `AsyncFd::new` is deprecated for callers that might close the fd
@@ -214,7 +218,7 @@ impl PostCopy<'_> {
         let registered = AsyncFd::with_interest(FaultFd(pager.clone()), Interest::READABLE);
         let faults = match registered {
             Ok(f) => f,
-            Err(e) => return self.fail(format!("cannot poll the userfaultfd: {e}")).await,
+            Err(e) => return self.fail(MigrateInError::Poll(e)).await,
         };
         let mut sink = PagerSink {
             pager: pager.clone(),
@@ -230,13 +234,18 @@ impl PostCopy<'_> {
             let mut client = client;
             client
                 .restore(&vm_state)
-                .map_err(|e| crate::error_chain(&e))?;
+                .map_err(|source| MigrateInError::Vmm {
+                    step: "restore",
+                    source,
+                })?;
             svc.complete_incoming(spec, pid)
-                .map_err(|e| crate::error_chain(&e))?;
-            if let Err(e) = client.resume() {
-                let message = crate::error_chain(&e);
+                .map_err(MigrateInError::Persist)?;
+            if let Err(source) = client.resume() {
                 let _ = svc.remove_migrated_vm(&name);
-                return Err(message);
+                return Err(MigrateInError::Vmm {
+                    step: "resume",
+                    source,
+                });
             }
             Ok(client)
         });
@@ -257,7 +266,10 @@ impl PostCopy<'_> {
                             info!("guest resumed here in post-copy");
                         }
                         Ok(Err(e)) => return self.fail(e).await,
-                        Err(e) => return self.fail(format!("restore task: {e}")).await,
+                        Err(source) => {
+                            let e = MigrateInError::Task { what: "restore", source };
+                            return self.fail(e).await;
+                        }
                     }
                     continue;
                 }
@@ -305,7 +317,7 @@ impl PostCopy<'_> {
                     warn!(event = ?other, "unexpected event in post-copy");
                 }
                 Err(e) if running.is_none() && !e.is_recoverable() => {
-                    return self.fail(crate::error_chain(&e)).await;
+                    return self.fail(MigrateInError::Transfer(e)).await;
                 }
                 Err(e) => {
                     warn!(error = %crate::error_chain(&e), "link to the source broke in post-copy; waiting for it to reconnect");
@@ -333,7 +345,7 @@ impl PostCopy<'_> {
                 warn!(
                     source = %format!("{:032x}", d.needed),
                     target = %format!("{got:032x}"),
-                    "{DIGEST_MISMATCH}: pages received in post-copy differ from the source"
+                    "memory digest mismatch: pages received in post-copy differ from the source"
                 );
             }
         }
@@ -393,9 +405,9 @@ impl PostCopy<'_> {
 
     /// Fails before the guest ran here: tells the source (which then
     /// resumes its copy) and leaves the clean-up to the caller.
-    async fn fail(&mut self, message: String) -> Outcome {
-        let abort = self.session.refuse(ReasonCode::Internal, &message);
+    async fn fail(&mut self, e: MigrateInError) -> Outcome {
+        let abort = self.session.refuse(e.reason(), &crate::error_chain(&e));
         let _ = self.driver.send_control(&abort).await;
-        Outcome::FailedBeforeResume(message)
+        Outcome::FailedBeforeResume(e)
     }
 }

@@ -9,6 +9,9 @@
 //! (which the target sends right after resuming the guest), so it includes
 //! one network round trip. In verify mode the source's digest time is left
 //! out and so is an equal estimate for the target's.
+//!
+//! Auto-converge and the downtime estimate are in `converge`; post-copy
+//! (after a switch) in `postcopy`; failures and their codes in `error`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,140 +19,38 @@ use std::time::{Duration, Instant};
 use guestmem::{DirtyBitmap, GuestMemory};
 use tokio::sync::watch;
 use tracing::{info, info_span, warn, Instrument};
-use transport::codec::ReasonCode;
-use transport::driver::{DriverError, SourceDriver};
+use transport::driver::SourceDriver;
 use transport::endpoint::MigrationId;
 use transport::layout::{PageRange, PAGE_SIZE};
 use transport::limiter::{BytesPerSecond, RateLimiter};
-use transport::session::{Compression, SourceError, SourceOptions, SourceSession};
-use vmm::control::{CallError, ControlClient, VMM_CALL_TIMEOUT};
+use transport::session::{Compression, SourceOptions, SourceSession};
+use vmm::control::{CallError, ControlClient};
 
-use crate::engine::MigrationHandle;
-use crate::guestio::{
-    holes, page_ranges, to_wire_layout, ConvertLayoutError, GuestPages, StateEnvelope,
-};
+use super::guestio::{holes, page_ranges, to_wire_layout, GuestPages, StateEnvelope};
+use super::peers::Peers;
+use super::table::MigrationHandle;
 use crate::model::{AbortStatus, MigrationPhase, MigrationRecord, Timestamp};
-use crate::model::{AutoConvergeStep, MigrationConfiguration, ThrottleStep};
-use crate::peers::{ConnectPeerError, Peers};
+use crate::model::{MigrationConfiguration, ThrottleStep};
 use crate::service::Service;
+use chunk::{bitmap_ranges, chunk_pages, chunk_ranges};
+use converge::{expected_downtime, AutoConverge};
+pub use error::MigrateOutError;
 
+mod chunk;
+mod converge;
+mod error;
 mod postcopy;
 
 const PAGE: u64 = PAGE_SIZE as u64;
-/// What a target's abort message says when verification failed.
-pub const DIGEST_MISMATCH: &str = "memory digest mismatch";
 /// Page streams per migration: enough to keep a loopback or LAN link busy.
 const BULK_STREAMS: u16 = 2;
-/// Records are persisted (fsync) at most this often while passes run.
 /// Dirty bytes small enough to switch over at once: well under a
 /// millisecond on any link a migration uses.
 const SWITCHOVER_FLOOR: u64 = 64 * PAGE;
-
+/// Records are persisted (fsync) at most this often while passes run.
 const PERSIST_EVERY: Duration = Duration::from_millis(500);
-/// Most pages in one transport pass. An iteration over a large dirty set
-/// is sent as several passes, so that a switch to post-copy or the
-/// completion deadline takes effect within one chunk (64 MiB, or about a
-/// second's worth under a bandwidth cap) instead of a whole iteration.
-const PASS_CHUNK_PAGES: u64 = 16 * 1024;
-/// Fewest pages in a chunk (1 MiB): below that the per-pass round trip
-/// would cost more than it saves.
-const MIN_CHUNK_PAGES: u64 = 256;
 /// Wire rate below which a link counts as slower than compression.
 const COMPRESS_BELOW: f64 = 256.0 * 1024.0 * 1024.0;
-/// QEMU's auto-converge trigger: an iteration dirtied more than this share
-/// of what it sent ...
-const THROTTLE_TRIGGER: f64 = 0.5;
-/// ... this many times in a row.
-const THROTTLE_TRIGGER_COUNT: u32 = 2;
-/// QEMU's first throttle and its step (`cpu-throttle-initial`/`-increment`).
-const THROTTLE_INITIAL: u8 = 20;
-const THROTTLE_INCREMENT: u8 = 10;
-/// The VMM's highest throttle.
-const THROTTLE_MAX: u8 = 99;
-
-/// Why an outgoing migration failed. The guest keeps running here.
-#[derive(Debug, thiserror::Error)]
-pub enum MigrateOutError {
-    #[error("vm {vm} is not on this host")]
-    VmGone { vm: String },
-    #[error("target unreachable")]
-    Connect(#[source] ConnectPeerError),
-    #[error("cannot open migration streams to the target")]
-    Streams(#[source] transport::endpoint::TransportError),
-    #[error("target refused: {code}: {message}")]
-    Refused { code: ReasonCode, message: String },
-    #[error("target aborted: {code}: {message}")]
-    Aborted { code: ReasonCode, message: String },
-    #[error("transfer to the target failed")]
-    Transfer(#[source] DriverError),
-    #[error("vmm {step} failed")]
-    Vmm {
-        step: &'static str,
-        #[source]
-        source: CallError,
-    },
-    #[error("guest layout cannot be sent")]
-    Layout(#[source] ConvertLayoutError),
-    #[error("cannot read guest memory")]
-    Memory(#[source] guestmem::GuestMemoryError),
-    #[error("no progress for {timeout:?}: the guest dirties memory faster than it can be sent")]
-    ProgressTimeout { timeout: Duration },
-    #[error("migration did not complete within {timeout:?}")]
-    CompletionTimeout { timeout: Duration },
-    #[error("migration was cancelled")]
-    Cancelled,
-    #[error("memory digests differ between source and target")]
-    DigestMismatch,
-    #[error("internal error: {what}")]
-    Internal { what: String },
-}
-
-impl MigrateOutError {
-    /// Lifts the peer's own refusal or abort out of a driver error, so the
-    /// record shows the target's code and message.
-    fn from_driver(e: DriverError) -> Self {
-        match e {
-            DriverError::Source(SourceError::Refused { code, message }) => {
-                MigrateOutError::Refused { code, message }
-            }
-            DriverError::Source(SourceError::PeerAborted { code, message }) => {
-                if code == ReasonCode::Internal && message.contains(DIGEST_MISMATCH) {
-                    MigrateOutError::DigestMismatch
-                } else {
-                    MigrateOutError::Aborted { code, message }
-                }
-            }
-            e => MigrateOutError::Transfer(e),
-        }
-    }
-
-    /// The stable code stored in the record.
-    pub fn code(&self) -> &'static str {
-        use MigrateOutError::*;
-        match self {
-            VmGone { .. } => "vm_not_found",
-            Connect(_) | Streams(_) => "target_unreachable",
-            Refused { code, .. } | Aborted { code, .. } => code.as_str(),
-            Transfer(e) if e.is_peer_lost() => "peer_lost",
-            Transfer(_) => "transfer_failed",
-            Vmm { .. } => "vmm_failed",
-            Layout(_) | Memory(_) | Internal { .. } => "internal",
-            ProgressTimeout { .. } => "progress_timeout",
-            CompletionTimeout { .. } => "timeout",
-            Cancelled => "aborted",
-            DigestMismatch => "digest_mismatch",
-        }
-    }
-
-    fn reason(&self) -> ReasonCode {
-        match self {
-            MigrateOutError::Cancelled => ReasonCode::Cancelled,
-            MigrateOutError::ProgressTimeout { .. } => ReasonCode::ProgressTimeout,
-            MigrateOutError::CompletionTimeout { .. } => ReasonCode::Timeout,
-            _ => ReasonCode::Internal,
-        }
-    }
-}
 
 /// What an outgoing migration needs from the daemon.
 pub struct OutgoingContext {
@@ -179,8 +80,9 @@ impl Vmm {
         let c = self.0.clone();
         tokio::task::spawn_blocking(move || f(&mut c.lock().unwrap_or_else(|p| p.into_inner())))
             .await
-            .map_err(|e| MigrateOutError::Internal {
-                what: format!("vmm call task: {e}"),
+            .map_err(|source| MigrateOutError::Task {
+                what: "vmm call",
+                source,
             })?
             .map_err(|source| MigrateOutError::Vmm { step, source })
     }
@@ -240,8 +142,8 @@ async fn migrate(
             vm: record.vm.clone(),
         })?;
     let paths = ctx.service.store().vm_paths(&record.vm);
-    let client = ControlClient::connect_with_timeout(&paths.control_socket, VMM_CALL_TIMEOUT)
-        .map_err(|source| MigrateOutError::Vmm {
+    let client =
+        super::connect_vmm(&paths.control_socket).map_err(|source| MigrateOutError::Vmm {
             step: "connect",
             source,
         })?;
@@ -303,9 +205,10 @@ async fn migrate(
     Ok(())
 }
 
-/// The wire id of a migration (its uid's 128 bits).
+/// The wire id of a migration: its uid's 128 bits (parsed when the
+/// record was read, so it cannot be malformed here).
 fn migration_id(record: &MigrationRecord) -> MigrationId {
-    MigrationId(u128::from_str_radix(&record.uid.replace('-', ""), 16).unwrap_or(0))
+    MigrationId(record.uid.as_u128())
 }
 
 /// Connects to the target, opens the migration's streams and says hello.
@@ -340,8 +243,9 @@ async fn open_target(
             ..SourceOptions::default()
         },
     )
-    .map_err(|e| MigrateOutError::Internal {
-        what: format!("source session: {e}"),
+    .map_err(|source| MigrateOutError::Session {
+        step: "start",
+        source,
     })?;
     let limiter = match ctx.config.bandwidth_per_migration.bytes() {
         0 => RateLimiter::unlimited(),
@@ -359,8 +263,9 @@ async fn open_target(
             zstd: capped,
             delta: capped,
         })
-        .map_err(|e| MigrateOutError::Internal {
-            what: format!("cannot set compression: {e}"),
+        .map_err(|source| MigrateOutError::Session {
+            step: "set compression",
+            source,
         })?;
     Ok((session, driver, limiter))
 }
@@ -418,14 +323,26 @@ struct Progress {
     dirty_wire: u64,
     /// Iterations over the dirty set (each may be several transport passes).
     passes: u32,
-    /// Current auto-converge throttle.
-    throttle: u8,
     bytes_sent: u64,
     zero_pages: u64,
     /// Bytes per second, from passes big enough to measure.
     bandwidth: f64,
     dirty_rate: u64,
     last_persist: Option<Instant>,
+}
+
+impl Progress {
+    /// Copies the counters into the record.
+    fn write_to(&self, r: &mut MigrationRecord) {
+        r.passes = self.passes;
+        r.bytes_sent = self.bytes_sent;
+        r.zero_pages = self.zero_pages;
+        r.delta_pages = self.delta_pages;
+        r.dirty_pass_pages = self.dirty_pages;
+        r.dirty_pass_wire_bytes = self.dirty_wire;
+        r.dirty_rate = self.dirty_rate;
+        r.bandwidth = self.bandwidth as u64;
+    }
 }
 
 impl Transfer<'_> {
@@ -543,7 +460,6 @@ impl Transfer<'_> {
     async fn set_throttle(&mut self, p: &mut Progress, pct: u8) -> Result<(), MigrateOutError> {
         self.vmm.call("throttle", move |c| c.throttle(pct)).await?;
         self.throttled = pct > 0;
-        p.throttle = pct;
         let step = ThrottleStep {
             at_ms: self.started.elapsed().as_millis() as u64,
             percent: pct,
@@ -564,7 +480,7 @@ impl Transfer<'_> {
     }
 
     /// Sends one iteration over `pages` (plus known-zero ranges) as
-    /// transport passes of at most [`PASS_CHUNK_PAGES`]. Stops early, at a
+    /// transport passes of at most [`chunk_pages`]. Stops early, at a
     /// pass boundary, when a switch to post-copy is requested or
     /// `deadline` passes.
     async fn iteration(
@@ -574,11 +490,7 @@ impl Transfer<'_> {
         zero: Vec<PageRange>,
         deadline: Instant,
     ) -> Result<Iteration, MigrateOutError> {
-        let cap = self.ctx.config.bandwidth_per_migration.bytes();
-        let chunk = match cap {
-            0 => PASS_CHUNK_PAGES,
-            n => (n / PAGE).clamp(MIN_CHUNK_PAGES, PASS_CHUNK_PAGES),
-        };
+        let chunk = chunk_pages(self.ctx.config.bandwidth_per_migration.bytes());
         let mut chunks = chunk_ranges(pages, chunk).into_iter();
         let mut zero = zero;
         let mut guest_bytes = 0;
@@ -619,6 +531,22 @@ impl Transfer<'_> {
     /// One transport pass, cancellable; updates bandwidth and byte counts
     /// and returns the guest bytes it moved.
     async fn pass(
+        &mut self,
+        p: &mut Progress,
+        pages: &[PageRange],
+        zero: &[PageRange],
+    ) -> Result<u64, MigrateOutError> {
+        // `n` is the transport's pass number; `iteration` the record's
+        // `passes` (an iteration may take several transport passes).
+        let span = info_span!(
+            "pass",
+            n = self.session.pass_stats().len(),
+            iteration = p.passes
+        );
+        self.send_pass(p, pages, zero).instrument(span).await
+    }
+
+    async fn send_pass(
         &mut self,
         p: &mut Progress,
         pages: &[PageRange],
@@ -671,24 +599,9 @@ impl Transfer<'_> {
             return;
         }
         p.last_persist = Some(Instant::now());
-        let (delta, dirty_pages, dirty_wire) = (p.delta_pages, p.dirty_pages, p.dirty_wire);
-        let (passes, sent, zero, rate, bw) = (
-            p.passes,
-            p.bytes_sent,
-            p.zero_pages,
-            p.dirty_rate,
-            p.bandwidth as u64,
-        );
         update(self.handle, |r| {
-            r.passes = passes;
-            r.bytes_sent = sent;
+            p.write_to(r);
             r.bytes_remaining = remaining;
-            r.zero_pages = zero;
-            r.delta_pages = delta;
-            r.dirty_pass_pages = dirty_pages;
-            r.dirty_pass_wire_bytes = dirty_wire;
-            r.dirty_rate = rate;
-            r.bandwidth = bw;
             r.expected_downtime_ms = Some(expected.as_millis() as u64);
         });
     }
@@ -699,13 +612,7 @@ impl Transfer<'_> {
         pending: DirtyBitmap,
     ) -> Result<(), MigrateOutError> {
         let t0 = Instant::now();
-        self.vmm.call("pause", |c| c.pause()).await?;
-        self.paused = true;
-        let mut dirty = self
-            .vmm
-            .call("dirty_log_fetch", |c| c.dirty_log_fetch())
-            .await?;
-        dirty.merge(&pending);
+        let dirty = self.pause(&pending).await?;
         let ranges = bitmap_ranges(&dirty);
         self.pass(&mut p, &ranges, &[]).await?;
         p.passes += 1;
@@ -716,8 +623,9 @@ impl Transfer<'_> {
             let t = Instant::now();
             let d = tokio::task::spawn_blocking(move || mem.digest())
                 .await
-                .map_err(|e| MigrateOutError::Internal {
-                    what: format!("digest task: {e}"),
+                .map_err(|source| MigrateOutError::Task {
+                    what: "digest",
+                    source,
                 })?;
             digest_time = t.elapsed();
             Some(d)
@@ -740,28 +648,34 @@ impl Transfer<'_> {
         self.logging = false;
         let downtime = t0.elapsed().saturating_sub(digest_time * 2);
         let verify = self.verify;
-        let (passes, sent, zero) = (p.passes, p.bytes_sent, p.zero_pages);
-        let (delta, dirty_pages, dirty_wire) = (p.delta_pages, p.dirty_pages, p.dirty_wire);
         info!(
             downtime_ms = downtime.as_millis() as u64,
-            passes,
-            bytes = sent,
+            passes = p.passes,
+            bytes = p.bytes_sent,
             "switched over"
         );
         update(self.handle, |r| {
-            r.passes = passes;
-            r.bytes_sent = sent;
+            p.write_to(r);
             r.bytes_remaining = 0;
-            r.zero_pages = zero;
-            r.delta_pages = delta;
-            r.dirty_pass_pages = dirty_pages;
-            r.dirty_pass_wire_bytes = dirty_wire;
             r.actual_downtime_ms = Some((downtime.as_millis() as u64).max(1));
             if verify {
                 r.memory_digest_matched = Some(true);
             }
         });
         Ok(())
+    }
+
+    /// Pauses the guest; returns the pages it dirtied since the last fetch
+    /// plus `pending` (pages known stale on the target).
+    async fn pause(&mut self, pending: &DirtyBitmap) -> Result<DirtyBitmap, MigrateOutError> {
+        self.vmm.call("pause", |c| c.pause()).await?;
+        self.paused = true;
+        let mut dirty = self
+            .vmm
+            .call("dirty_log_fetch", |c| c.dirty_log_fetch())
+            .await?;
+        dirty.merge(pending);
+        Ok(dirty)
     }
 
     /// Compression policy: zstd and XOR deltas cost CPU (zstd ~0.2-0.3
@@ -844,220 +758,5 @@ impl Transfer<'_> {
                 Err(e) => warn!(error = %crate::error_chain(&e), "cannot resume the guest"),
             }
         }
-    }
-}
-
-/// Auto-converge: decides the throttle after each iteration.
-struct AutoConverge {
-    enabled: bool,
-    step: AutoConvergeStep,
-    /// Iterations in a row that dirtied more than half of what they sent.
-    high: u32,
-    current: u8,
-}
-
-impl AutoConverge {
-    fn new(c: &MigrationConfiguration) -> Self {
-        Self {
-            enabled: c.allow_auto_converge,
-            step: c.auto_converge_step,
-            high: 0,
-            current: 0,
-        }
-    }
-
-    /// `sent`: guest bytes the last iteration sent; `dirtied`: bytes the
-    /// guest dirtied meanwhile; `bandwidth`: bytes/s. Returns a new
-    /// throttle when one is due.
-    fn next(&mut self, sent: u64, dirtied: u64, bandwidth: f64) -> Option<u8> {
-        if !self.enabled || self.current >= THROTTLE_MAX {
-            return None;
-        }
-        if (dirtied as f64) <= sent as f64 * THROTTLE_TRIGGER {
-            self.high = 0;
-            return None;
-        }
-        self.high += 1;
-        if self.high < THROTTLE_TRIGGER_COUNT {
-            return None;
-        }
-        self.high = 0;
-        let fixed = if self.current == 0 {
-            THROTTLE_INITIAL
-        } else {
-            self.current.saturating_add(THROTTLE_INCREMENT)
-        };
-        let next = match self.step {
-            AutoConvergeStep::Fixed => fixed,
-            AutoConvergeStep::Adaptive => {
-                fixed.max(adaptive_throttle(self.current, sent, dirtied, bandwidth))
-            }
-        };
-        self.current = next.min(THROTTLE_MAX);
-        Some(self.current)
-    }
-}
-
-/// The throttle at which the guest would dirty at most half of what the
-/// link sends in the same time, from one iteration measured at throttle
-/// `current`. An iteration that sent `sent` bytes took `sent / bandwidth`
-/// seconds; the guest dirtied `dirtied` bytes in it while getting
-/// `100 - current` percent of its CPU time.
-fn adaptive_throttle(current: u8, sent: u64, dirtied: u64, bandwidth: f64) -> u8 {
-    if sent == 0 || dirtied == 0 || bandwidth <= 0.0 {
-        return 0;
-    }
-    let running = 1.0 - f64::from(current) / 100.0;
-    // Dirty bytes per byte sent, unthrottled.
-    let ratio = dirtied as f64 / sent as f64 / running.max(0.01);
-    let allowed = THROTTLE_TRIGGER / ratio;
-    let pct = ((1.0 - allowed) * 100.0).ceil();
-    pct.clamp(0.0, f64::from(THROTTLE_MAX)) as u8
-}
-
-/// Splits ranges into chunks of at most `max` pages each, in order.
-fn chunk_ranges(ranges: Vec<PageRange>, max: u64) -> Vec<Vec<PageRange>> {
-    let mut out = Vec::new();
-    let mut chunk = Vec::new();
-    let mut room = max;
-    for r in ranges {
-        let (mut start, mut count) = (r.start.0, r.count);
-        while count > 0 {
-            let take = count.min(room);
-            chunk.push(PageRange::new(start, take));
-            start += take;
-            count -= take;
-            room -= take;
-            if room == 0 {
-                out.push(std::mem::take(&mut chunk));
-                room = max;
-            }
-        }
-    }
-    if !chunk.is_empty() {
-        out.push(chunk);
-    }
-    out
-}
-
-fn bitmap_ranges(b: &DirtyBitmap) -> Vec<PageRange> {
-    b.ranges()
-        .map(|r| PageRange::new(r.start, r.count))
-        .collect()
-}
-
-/// Time to send `bytes` at `bandwidth` bytes/s (unknown bandwidth: never
-/// small enough to stop, unless there is nothing left).
-pub fn expected_downtime(bytes: u64, bandwidth: f64) -> Duration {
-    if bytes == 0 {
-        return Duration::ZERO;
-    }
-    if bandwidth <= 0.0 {
-        return Duration::MAX;
-    }
-    Duration::try_from_secs_f64(bytes as f64 / bandwidth).unwrap_or(Duration::MAX)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn downtime_estimate() {
-        assert_eq!(expected_downtime(0, 0.0), Duration::ZERO);
-        assert_eq!(expected_downtime(1, 0.0), Duration::MAX);
-        assert_eq!(
-            expected_downtime(100 << 20, (1u64 << 30) as f64),
-            Duration::from_secs_f64(100.0 / 1024.0)
-        );
-    }
-
-    fn config(step: AutoConvergeStep) -> MigrationConfiguration {
-        let mut c = crate::config::MigrationDefaults::default().resolve(&Default::default());
-        c.allow_auto_converge = true;
-        c.auto_converge_step = step;
-        c
-    }
-
-    #[test]
-    fn auto_converge_follows_qemus_trigger_and_steps() {
-        let mut a = AutoConverge::new(&config(AutoConvergeStep::Fixed));
-        let bw = 100e6;
-        // Dirtying at most half of what was sent never throttles.
-        for _ in 0..5 {
-            assert_eq!(a.next(100, 50, bw), None);
-        }
-        // Twice in a row above half: 20%, then +10% per two more.
-        assert_eq!(a.next(100, 60, bw), None);
-        assert_eq!(a.next(100, 60, bw), Some(20));
-        assert_eq!(a.next(100, 60, bw), None);
-        assert_eq!(a.next(100, 60, bw), Some(30));
-        // A good iteration resets the count.
-        assert_eq!(a.next(100, 10, bw), None);
-        assert_eq!(a.next(100, 60, bw), None);
-        assert_eq!(a.next(100, 60, bw), Some(40));
-        for _ in 0..40 {
-            a.next(100, 100, bw);
-        }
-        assert_eq!(a.current, THROTTLE_MAX);
-        assert_eq!(a.next(100, 100, bw), None);
-    }
-
-    #[test]
-    fn adaptive_jumps_to_the_needed_throttle() {
-        // Unthrottled, the guest dirties 4x what is sent: it must run at
-        // most 1/8 of the time to dirty half of it: 88% (ceil of 87.5).
-        assert_eq!(adaptive_throttle(0, 100, 400, 1e6), 88);
-        // The same guest measured at 50%: same answer.
-        assert_eq!(adaptive_throttle(50, 100, 200, 1e6), 88);
-        // Barely above the trigger: QEMU's step wins.
-        let mut a = AutoConverge::new(&config(AutoConvergeStep::Adaptive));
-        a.next(100, 51, 1e6);
-        assert_eq!(a.next(100, 51, 1e6), Some(THROTTLE_INITIAL));
-        let mut a = AutoConverge::new(&config(AutoConvergeStep::Adaptive));
-        a.next(100, 400, 1e6);
-        assert_eq!(a.next(100, 400, 1e6), Some(88));
-        // Disabled: never.
-        let mut c = config(AutoConvergeStep::Adaptive);
-        c.allow_auto_converge = false;
-        let mut a = AutoConverge::new(&c);
-        assert_eq!(a.next(1, 1000, 1e6), None);
-        assert_eq!(a.next(1, 1000, 1e6), None);
-    }
-
-    #[test]
-    fn chunks_cover_ranges_in_order() {
-        let ranges = vec![
-            PageRange::new(0, 5),
-            PageRange::new(10, 2),
-            PageRange::new(20, 7),
-        ];
-        let chunks = chunk_ranges(ranges.clone(), 4);
-        assert!(chunks
-            .iter()
-            .all(|c| c.iter().map(|r| r.count).sum::<u64>() <= 4));
-        let flat: Vec<u64> = chunks
-            .iter()
-            .flatten()
-            .flat_map(|r| r.start.0..r.start.0 + r.count)
-            .collect();
-        let want: Vec<u64> = ranges
-            .iter()
-            .flat_map(|r| r.start.0..r.start.0 + r.count)
-            .collect();
-        assert_eq!(flat, want);
-        assert_eq!(chunks.len(), 4);
-        assert!(chunk_ranges(Vec::new(), 4).is_empty());
-    }
-
-    #[test]
-    fn codes_are_stable() {
-        assert_eq!(MigrateOutError::Cancelled.code(), "aborted");
-        let refused = MigrateOutError::Refused {
-            code: ReasonCode::VmExists,
-            message: "x".into(),
-        };
-        assert_eq!(refused.code(), "vm_exists");
-        assert!(refused.to_string().contains("vm_exists"));
     }
 }

@@ -1,80 +1,14 @@
-//! The seam between migration records and whatever moves the guest. The
-//! daemon runs `precopy::PrecopyEngine`; [`UnavailableEngine`] (fails every
-//! migration at once with a clear reason) remains for tests and tools that
-//! must not move guests.
-//!
-//! An engine gets the new record and a [`MigrationHandle`] through which it
-//! reports progress; every update is persisted before it is visible.
+//! Every migration record, in memory and on disk. An engine reports
+//! through the [`MigrationHandle`] of its migration; every update is
+//! persisted before it is visible.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tracing::{info, warn};
+use tracing::info;
 
-use crate::model::{
-    codes, AbortStatus, MigrationConfiguration, MigrationOverrides, MigrationRecord,
-};
+use crate::model::MigrationRecord;
 use crate::store::{SaveRecordError, Store};
-
-/// Drives migrations. Implementations must return quickly from both
-/// methods (spawn their work) because the API waits on them.
-pub trait MigrationEngine: Send + Sync + 'static {
-    /// Takes over a record that was just created in phase Pending.
-    fn start(&self, record: MigrationRecord, handle: MigrationHandle);
-    /// The user asked to cancel `handle`'s migration (its record already
-    /// has `abort_requested` set).
-    fn abort(&self, handle: MigrationHandle);
-
-    /// The settings a new migration with `options` will run with (stored
-    /// in its record). `None`: this engine has no settings.
-    fn configure(&self, options: &MigrationOverrides) -> Option<MigrationConfiguration> {
-        let _ = options;
-        None
-    }
-
-    /// The user asked to switch `handle`'s running migration to post-copy
-    /// (its record already has `switch_requested` set). Engines without
-    /// post-copy ignore it.
-    fn switch_to_post_copy(&self, handle: MigrationHandle) {
-        let _ = handle;
-    }
-
-    /// Continues a post-copy migration that failed with the guest split
-    /// between both hosts (`migratectl migrate --resume`). The error says
-    /// why it cannot.
-    fn resume(&self, record: MigrationRecord, handle: MigrationHandle) -> Result<(), String> {
-        let _ = (record, handle);
-        Err("this engine cannot resume migrations".into())
-    }
-}
-
-/// The default engine until the real one lands.
-#[derive(Debug, Default)]
-pub struct UnavailableEngine;
-
-/// The message every migration fails with under [`UnavailableEngine`].
-pub const ENGINE_UNAVAILABLE_REASON: &str = "migration engine not available yet";
-
-impl MigrationEngine for UnavailableEngine {
-    fn start(&self, record: MigrationRecord, handle: MigrationHandle) {
-        warn!(migration = %record.name, "no migration engine in this build; failing the migration");
-        if let Err(e) =
-            handle.update(|r| r.fail(codes::ENGINE_UNAVAILABLE, ENGINE_UNAVAILABLE_REASON))
-        {
-            warn!(migration = %record.name, error = %e, "cannot record the failure");
-        }
-    }
-
-    fn abort(&self, handle: MigrationHandle) {
-        // Nothing runs, so there is nothing to stop: finish the abort.
-        let _ = handle.update(|r| {
-            r.abort_status = Some(AbortStatus::Succeeded);
-            if !r.phase.is_final() {
-                r.fail("aborted", "migration was cancelled");
-            }
-        });
-    }
-}
 
 /// A migration record update that could not be applied.
 #[derive(Debug, thiserror::Error)]

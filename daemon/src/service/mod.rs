@@ -11,133 +11,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tracing::{info, warn};
 
-use crate::engine::{MigrationEngine, MigrationTable, UpdateMigrationError};
+use crate::migration::{MigrationEngine, MigrationTable};
 use crate::model::{
-    check_name, codes, AbortStatus, Condition, ConditionStatus, ConditionType, GuestCounters,
-    Health, InvalidNameError, InvalidSpecError, MigrationMethod, MigrationMode, MigrationOverrides,
-    MigrationPhase, MigrationRecord, MigrationRequest, Quantity, Timestamp, Vm, VmPhase, VmSpec,
-    VmStatus,
+    check_name, AbortStatus, Condition, ConditionStatus, ConditionType, FailureCode, GuestCounters,
+    Health, MigrationMethod, MigrationMode, MigrationOverrides, MigrationPhase, MigrationRecord,
+    MigrationRequest, Quantity, Timestamp, Vm, VmPhase, VmSpec, VmStatus,
 };
-use crate::store::{
-    DeleteRecordError, DesiredState, ListRecordsError, SaveRecordError, Store, VmRecord,
-};
-use crate::supervisor::{LaunchError, ProbeError, StopError, VmBackend};
+use crate::store::{DesiredState, ListRecordsError, Store, VmRecord};
+use crate::supervisor::{check_workload, ProbeError, VmBackend};
+pub use error::ServiceError;
 
-/// Why an API operation was refused or failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ServiceError {
-    #[error("vm {name} not found")]
-    VmNotFound { name: String },
-    #[error("vm {name} already exists")]
-    VmExists { name: String },
-    #[error("invalid vm spec")]
-    InvalidSpec(#[source] InvalidSpecError),
-    #[error(transparent)]
-    InvalidName(#[from] InvalidNameError),
-    #[error("vm {name} is {phase}, not Running")]
-    VmNotRunning { name: String, phase: VmPhase },
-    #[error("vm {name} is busy: {operation} in progress")]
-    VmBusy {
-        name: String,
-        operation: &'static str,
-    },
-    #[error("vm {vm} already has migration {migration} in phase {phase}")]
-    MigrationInProgress {
-        vm: String,
-        migration: String,
-        phase: MigrationPhase,
-    },
-    #[error("unknown target host {host}")]
-    UnknownHost { host: String, known: Vec<String> },
-    #[error("target host {host} is this host")]
-    TargetIsSelf { host: String },
-    #[error("migration {name} not found")]
-    MigrationNotFound { name: String },
-    #[error("migration {name} already finished ({phase})")]
-    MigrationFinished { name: String, phase: MigrationPhase },
-    #[error("migration {name} is in post-copy: the guest already runs on {target} and its memory is split between both hosts, so it cannot be cancelled")]
-    CancelInPostCopy { name: String, target: String },
-    #[error("migration {name} cannot be resumed: {why}")]
-    NotResumable { name: String, why: String },
-    #[error("migration {name} is already in post-copy")]
-    AlreadyPostCopy { name: String },
-    #[error("invalid migration option {key}: {message}")]
-    InvalidOption { key: &'static str, message: String },
-    #[error("cannot start vm {name}")]
-    Launch {
-        name: String,
-        #[source]
-        source: LaunchError,
-    },
-    #[error("cannot stop vm {name}")]
-    Stop {
-        name: String,
-        #[source]
-        source: StopError,
-    },
-    #[error("cannot save state")]
-    Persist(#[source] SaveRecordError),
-    #[error("cannot delete vm files")]
-    Delete(#[source] DeleteRecordError),
-    #[error("cannot update migration record")]
-    UpdateMigration(#[source] UpdateMigrationError),
-}
-
-impl ServiceError {
-    /// The stable code the API reports.
-    pub fn code(&self) -> &'static str {
-        use ServiceError::*;
-        match self {
-            VmNotFound { .. } | MigrationNotFound { .. } => codes::NOT_FOUND,
-            VmExists { .. } => codes::ALREADY_EXISTS,
-            InvalidSpec(_) | InvalidName(_) | TargetIsSelf { .. } | InvalidOption { .. } => {
-                codes::INVALID_ARGUMENT
-            }
-            CancelInPostCopy { .. } | AlreadyPostCopy { .. } | NotResumable { .. } => {
-                codes::CONFLICT
-            }
-            VmNotRunning { .. } => codes::VM_NOT_RUNNING,
-            VmBusy { .. } => codes::VM_BUSY,
-            MigrationInProgress { .. } => codes::MIGRATION_IN_PROGRESS,
-            UnknownHost { .. } => codes::UNKNOWN_HOST,
-            MigrationFinished { .. } => codes::ALREADY_FINISHED,
-            Launch {
-                source: LaunchError::InsufficientMemory { .. },
-                ..
-            } => codes::INSUFFICIENT_MEMORY,
-            Launch { .. } | Stop { .. } => codes::VMM_FAILED,
-            Persist(_) | Delete(_) | UpdateMigration(_) => codes::INTERNAL,
-        }
-    }
-
-    /// What the user can do about it.
-    pub fn hint(&self) -> Option<String> {
-        use ServiceError::*;
-        Some(match self {
-            VmNotFound { .. } => "list VMs with `migratectl vm list`".into(),
-            MigrationNotFound { .. } => "list migrations with `migratectl get migrations`".into(),
-            VmExists { name } => format!("pick another name, or delete it first with `migratectl vm delete {name}`"),
-            VmNotRunning { name, .. } => format!("start it with `migratectl vm start {name}`"),
-            VmBusy { .. } => "wait for the other operation to finish and retry".into(),
-            MigrationInProgress { migration, .. } => format!(
-                "only one migration per VM runs at a time; follow it with `migratectl describe migration {migration}`"
-            ),
-            CancelInPostCopy { name, .. } => format!(
-                "wait for it to finish with `migratectl describe migration {name}`; if the link broke, `migratectl migrate --resume {name}` continues it"
-            ),
-            UnknownHost { known, .. } if known.is_empty() => {
-                "no peers are configured: add the target under [peers] in the daemon's config".into()
-            }
-            UnknownHost { known, .. } => format!("known peers: {}", known.join(", ")),
-            Launch {
-                source: LaunchError::InsufficientMemory { .. },
-                ..
-            } => "free memory on this host or ask for less with --memory".into(),
-            Launch { .. } => "the message above ends with the VMM's own log; check that /dev/kvm is usable and that vmm_binary in the daemon's config points at migrate-vmm".into(),
-            _ => return None,
-        })
-    }
-}
+mod error;
 
 /// Range checks of per-migration options (serde checked the types).
 fn check_options(o: &MigrationOverrides) -> Result<(), ServiceError> {
@@ -258,7 +142,7 @@ impl Service {
             let h = svc.migrations.handle(&r.name);
             if let Err(e) = h.update(|r| {
                 r.fail(
-                    "daemon_restarted",
+                    FailureCode::DaemonRestarted,
                     "the daemon restarted during the migration",
                 )
             }) {
@@ -422,6 +306,7 @@ impl Service {
 
     pub fn create_vm(&self, spec: VmSpec) -> Result<Vm, ServiceError> {
         spec.validate().map_err(ServiceError::InvalidSpec)?;
+        check_workload(&spec).map_err(ServiceError::InvalidSpec)?;
         let name = spec.name.clone();
         let mut record = VmRecord {
             spec,
@@ -519,21 +404,30 @@ impl Service {
         }
     }
 
-    pub fn stop_vm(&self, name: &str) -> Result<Vm, ServiceError> {
-        let mut record = self.begin(name, "stop", true)?;
+    /// Stops the VMM of `name`, which `begin` holds. On failure the VM is
+    /// released in the phase it had and the error returned.
+    fn shut_down(&self, name: &str, record: VmRecord) -> Result<VmRecord, ServiceError> {
         let paths = self.store.vm_paths(name);
-        if let Err(source) = self.backend.shutdown(&paths) {
-            let phase = self
-                .lock_vms()
-                .get(name)
-                .map(|e| e.phase)
-                .unwrap_or(VmPhase::Failed);
-            self.finish(name, record, phase, None);
-            return Err(ServiceError::Stop {
-                name: name.into(),
-                source,
-            });
+        match self.backend.shutdown(&paths) {
+            Ok(()) => Ok(record),
+            Err(source) => {
+                let phase = self
+                    .lock_vms()
+                    .get(name)
+                    .map(|e| e.phase)
+                    .unwrap_or(VmPhase::Failed);
+                self.finish(name, record, phase, None);
+                Err(ServiceError::Stop {
+                    name: name.into(),
+                    source,
+                })
+            }
         }
+    }
+
+    pub fn stop_vm(&self, name: &str) -> Result<Vm, ServiceError> {
+        let record = self.begin(name, "stop", true)?;
+        let mut record = self.shut_down(name, record)?;
         record.desired = DesiredState::Stopped;
         record.pid = None;
         record.failure = None;
@@ -546,20 +440,7 @@ impl Service {
 
     pub fn delete_vm(&self, name: &str) -> Result<(), ServiceError> {
         let record = self.begin(name, "delete", true)?;
-        let paths = self.store.vm_paths(name);
-        let stopped = self.backend.shutdown(&paths);
-        if let Err(source) = stopped {
-            let phase = self
-                .lock_vms()
-                .get(name)
-                .map(|e| e.phase)
-                .unwrap_or(VmPhase::Failed);
-            self.finish(name, record, phase, None);
-            return Err(ServiceError::Stop {
-                name: name.into(),
-                source,
-            });
-        }
+        let record = self.shut_down(name, record)?;
         if let Err(e) = self.store.delete_vm(name) {
             self.finish(name, record, VmPhase::Stopped, None);
             return Err(ServiceError::Delete(e));
@@ -569,7 +450,12 @@ impl Service {
         Ok(())
     }
 
-    pub fn create_migration(&self, req: MigrationRequest) -> Result<MigrationRecord, ServiceError> {
+    /// Creates a migration record and hands it to the engine, which gets
+    /// this service for the VM it moves (hence `Arc<Self>`).
+    pub fn create_migration(
+        self: &Arc<Self>,
+        req: MigrationRequest,
+    ) -> Result<MigrationRecord, ServiceError> {
         check_name("vm name", &req.vm)?;
         check_options(&req.options)?;
         if req.target_host == self.host_name {
@@ -628,7 +514,7 @@ impl Service {
         };
         info!(migration = %record.name, vm = %record.vm, target = %record.target_host, "migration created");
         let handle = self.migrations.handle(&record.name);
-        self.engine.start(record.clone(), handle);
+        self.engine.start(record.clone(), handle, self.clone());
         Ok(self.migrations.get(&record.name).unwrap_or(record))
     }
 
@@ -642,8 +528,13 @@ impl Service {
             .ok_or_else(|| ServiceError::MigrationNotFound { name: name.into() })
     }
 
-    /// Asks the engine to cancel a pending or running migration.
-    pub fn cancel_migration(&self, name: &str) -> Result<MigrationRecord, ServiceError> {
+    /// The record of `name` if it is still in flight and in pre-copy;
+    /// `in_post_copy` says why one in post-copy is refused.
+    fn running_pre_copy(
+        &self,
+        name: &str,
+        in_post_copy: impl FnOnce(MigrationRecord) -> ServiceError,
+    ) -> Result<MigrationRecord, ServiceError> {
         let current = self.get_migration(name)?;
         if current.phase.is_final() {
             return Err(ServiceError::MigrationFinished {
@@ -652,11 +543,17 @@ impl Service {
             });
         }
         if current.mode == MigrationMode::PostCopy {
-            return Err(ServiceError::CancelInPostCopy {
-                name: name.into(),
-                target: current.target_host,
-            });
+            return Err(in_post_copy(current));
         }
+        Ok(current)
+    }
+
+    /// Asks the engine to cancel a pending or running migration.
+    pub fn cancel_migration(&self, name: &str) -> Result<MigrationRecord, ServiceError> {
+        let current = self.running_pre_copy(name, |m| ServiceError::CancelInPostCopy {
+            name: name.into(),
+            target: m.target_host,
+        })?;
         let handle = self.migrations.handle(name);
         // The engine re-checks under the record's lock: a switch to
         // post-copy racing with this cancel loses (see `outgoing`).
@@ -687,40 +584,35 @@ impl Service {
         let current = self.get_migration(name)?;
         let resumable = current.phase == MigrationPhase::Failed
             && current.mode == MigrationMode::PostCopy
-            && current.failure_code.as_deref() == Some(codes::POST_COPY_INTERRUPTED);
+            && current.failure_code == Some(FailureCode::PostCopyInterrupted);
         if !resumable {
             return Err(ServiceError::NotResumable {
                 name: name.into(),
                 why: format!(
                     "only a post-copy migration that failed with {} can be resumed; this one is {} ({})",
-                    codes::POST_COPY_INTERRUPTED,
+                    FailureCode::PostCopyInterrupted,
                     current.phase,
-                    current.failure_code.as_deref().unwrap_or("no failure"),
+                    current
+                        .failure_code
+                        .map_or("no failure", FailureCode::as_str),
                 ),
             });
         }
         let handle = self.migrations.handle(name);
         self.engine
             .resume(current, handle)
-            .map_err(|why| ServiceError::NotResumable {
+            .map_err(|source| ServiceError::ResumeRefused {
                 name: name.into(),
-                why,
+                source,
             })?;
         self.get_migration(name)
     }
 
     /// Asks the engine to switch a running pre-copy migration to post-copy.
     pub fn switch_migration(&self, name: &str) -> Result<MigrationRecord, ServiceError> {
-        let current = self.get_migration(name)?;
-        if current.phase.is_final() {
-            return Err(ServiceError::MigrationFinished {
-                name: name.into(),
-                phase: current.phase,
-            });
-        }
-        if current.mode == MigrationMode::PostCopy {
-            return Err(ServiceError::AlreadyPostCopy { name: name.into() });
-        }
+        self.running_pre_copy(name, |_| ServiceError::AlreadyPostCopy {
+            name: name.into(),
+        })?;
         let handle = self.migrations.handle(name);
         handle
             .update(|r| r.switch_requested = true)
